@@ -1,0 +1,1 @@
+"""BLIP, BLIP-2 and InstructBLIP in JAX/Flax."""

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+REQUIREMENTS = [
+    line.strip()
+    for line in (HERE / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+# torch is pinned to the CPU build that pip finds on local disk; an unpinned torch pulls CUDA wheels.
+CONVERT = ["torch==2.13.0", "transformers>=5.0"]
+
+setup(
+    name="blip-jax",
+    version="0.1.0",
+    description="BLIP, BLIP-2 and InstructBLIP in JAX/Flax, sharded for TPU and GPU meshes",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["blip_jax", "blip_jax.*"]),
+    install_requires=REQUIREMENTS,
+    extras_require={
+        "convert": CONVERT,
+        "test": CONVERT + ["pytest>=8.0"],
+    },
+    entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
+)
