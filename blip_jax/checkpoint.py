@@ -1,0 +1,102 @@
+"""Model directories: an Orbax checkpoint of the parameters plus config, tokenizer and image files.
+
+    DST/config.json              blip-jax model config (BlipConfig.to_dict)
+    DST/params/                  Orbax PyTree checkpoint of the parameters
+    DST/tokenizer.json ...       tokenizer and preprocessor files copied from the source
+    DST/conversion.json          provenance: source, architecture, tensors read, ignored keys
+
+Writes are atomic: everything goes into a temporary sibling directory that is renamed into place
+only when complete, so a failed or interrupted write never leaves a half-written DST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from blip_jax.models.config import BlipConfig
+
+CONFIG = "config.json"
+PARAMS = "params"
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | Path, overwrite: bool = False):
+    """Yield a temporary directory that becomes `dst` when the block exits without error."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_params(directory: Path, params) -> None:
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(Path(directory).absolute() / PARAMS, params)
+
+
+def restore_params(directory: str | Path, target=None):
+    """Restore parameters; `target` (a tree of ShapeDtypeStructs, optionally with shardings) places
+    each array straight into its dtype and sharding."""
+    path = Path(directory).absolute() / PARAMS
+    with ocp.PyTreeCheckpointer() as ckptr:
+        if target is None:
+            return ckptr.restore(path)
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=getattr(s, "sharding", None))
+            if getattr(s, "sharding", None) is not None
+            else ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype),
+            target,
+        )
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+
+
+def write_config(directory: Path, config: BlipConfig) -> None:
+    (Path(directory) / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def read_config(directory: str | Path) -> BlipConfig:
+    path = Path(directory) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a blip-jax model directory (make one with `blip-jax convert`)")
+    d = json.loads(path.read_text())
+    if "architectures" in d and "architecture" not in d:
+        raise ValueError(f"{directory} holds a transformers checkpoint; convert it first: blip-jax convert {directory} DST")
+    return BlipConfig.from_dict(d)
+
+
+def load(directory: str | Path):
+    """(config, params) of a blip-jax model directory, params restored as jax arrays in the
+    config's parameter dtype and layout."""
+    import jax.numpy as jnp
+
+    from blip_jax.models.blip import param_shapes
+
+    config = read_config(directory)
+    target = param_shapes(config)
+    try:
+        params = restore_params(directory, target)
+    except Exception as e:  # orbax's errors on a tree mismatch are long; say what it means first
+        raise ValueError(f"{directory}: the stored parameters do not match {CONFIG} "
+                         f"({config.architecture}, scan_layers={config.scan_layers}): {e}") from e
+    return config, jax.tree.map(jnp.asarray, params)

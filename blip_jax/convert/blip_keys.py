@@ -1,0 +1,61 @@
+"""Where each blip-jax BLIP parameter comes from in a transformers checkpoint, and how it is reshaped.
+
+Names are mapped for the unrolled layout (`layers_N`); scanned checkpoints are stacked afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+
+# (pattern on the blip-jax path, replacement giving the transformers module path)
+_MODULES = [
+    (r"^vision/embed/cls$", "vision_model.embeddings.class_embedding"),
+    (r"^vision/embed/pos$", "vision_model.embeddings.position_embedding"),
+    (r"^vision/embed/patch/", "vision_model.embeddings.patch_embedding/"),
+    (r"^vision/ln_post/", "vision_model.post_layernorm/"),
+    (r"^vision/encoder/layers_(\d+)/ln1/", r"vision_model.encoder.layers.\1.layer_norm1/"),
+    (r"^vision/encoder/layers_(\d+)/ln2/", r"vision_model.encoder.layers.\1.layer_norm2/"),
+    (r"^vision/encoder/layers_(\d+)/qkv/", r"vision_model.encoder.layers.\1.self_attn.qkv/"),
+    (r"^vision/encoder/layers_(\d+)/proj/", r"vision_model.encoder.layers.\1.self_attn.projection/"),
+    (r"^vision/encoder/layers_(\d+)/(fc\d)/", r"vision_model.encoder.layers.\1.mlp.\2/"),
+    # MED text transformers: the decoder's BERT lives under `.bert`, its head under `.cls.predictions`
+    (r"^text_decoder/head_dense/", "text_decoder.cls.predictions.transform.dense/"),
+    (r"^text_decoder/head_norm/", "text_decoder.cls.predictions.transform.LayerNorm/"),
+    (r"^text_decoder/head_bias$", "text_decoder.cls.predictions.bias"),
+    (r"^text_decoder/head_out/", "text_decoder.cls.predictions.decoder/"),
+    (r"^text_decoder/", "text_decoder.bert/"),
+    (r"/word/", ".embeddings.word_embeddings/"),
+    (r"/position/", ".embeddings.position_embeddings/"),
+    (r"/embed_norm/", ".embeddings.LayerNorm/"),
+    (r"/encoder/layers_(\d+)/self_attn/(query|key|value)/", r".encoder.layer.\1.attention.self.\2/"),
+    (r"/encoder/layers_(\d+)/self_attn/out/", r".encoder.layer.\1.attention.output.dense/"),
+    (r"/encoder/layers_(\d+)/self_attn/norm/", r".encoder.layer.\1.attention.output.LayerNorm/"),
+    (r"/encoder/layers_(\d+)/cross_attn/(query|key|value)/", r".encoder.layer.\1.crossattention.self.\2/"),
+    (r"/encoder/layers_(\d+)/cross_attn/out/", r".encoder.layer.\1.crossattention.output.dense/"),
+    (r"/encoder/layers_(\d+)/cross_attn/norm/", r".encoder.layer.\1.crossattention.output.LayerNorm/"),
+    (r"/encoder/layers_(\d+)/fc1/", r".encoder.layer.\1.intermediate.dense/"),
+    (r"/encoder/layers_(\d+)/fc2/", r".encoder.layer.\1.output.dense/"),
+    (r"/encoder/layers_(\d+)/ln/", r".encoder.layer.\1.output.LayerNorm/"),
+    (r"^text_encoder/", "text_encoder/"),
+]
+_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+# Keys a checkpoint may hold that carry nothing new: buffers and the tied copies of the LM head.
+IGNORED = re.compile(r"(position_ids$|\.cls\.predictions\.decoder\.(weight|bias)$|\.pooler\.)")
+TIED = {"text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight"}
+
+
+def hf_key(path: str) -> tuple[str, str]:
+    """blip-jax path 'a/b/kernel' -> (transformers key, kind); kind is linear | conv | plain."""
+    module = path
+    for pattern, repl in _MODULES:
+        module = re.sub(pattern, repl, module)
+    if "/" not in module:  # a bare parameter (cls, pos, head_bias)
+        return module, "plain"
+    head, leaf = module.rsplit("/", 1)
+    head = head.replace("/", ".")
+    kind = "plain"
+    if leaf == "kernel":
+        kind = "conv" if head.endswith("patch_embedding") else "linear"
+    return f"{head}.{_LEAVES[leaf]}", kind

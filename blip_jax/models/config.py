@@ -1,0 +1,116 @@
+"""Model configurations: frozen dataclasses, hashable so modules can hold them as attributes.
+
+They are saved as `config.json` in every converted checkpoint (`to_dict` / `from_dict`); the
+translation from HuggingFace `config.json` files lives in `blip_jax.convert.hf_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _check_heads(width: int, heads: int, what: str):
+    if width % heads:
+        raise ValueError(f"{what}: hidden_size {width} is not divisible by num_heads {heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """A ViT: BLIP's (and, by config, BLIP-2's EVA / CLIP towers)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    image_size: int = 384
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5  # HF BLIP; the original BLIP used 1e-6, BLIP-2 uses 1e-6
+    drop_path_rate: float = 0.0
+    attention_dropout: float = 0.0
+
+    def __post_init__(self):
+        _check_heads(self.hidden_size, self.num_heads, "vision")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The BERT-style MED text transformer (post-LN, cross-attention in every layer)."""
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12  # HF's class default of 8 is a known trap; checkpoints say 12
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    encoder_hidden_size: int = 768
+    cross_attention: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    pad_token_id: int = 0
+    bos_token_id: int = 30522  # [DEC]
+    sep_token_id: int = 102  # [SEP], the end of a caption
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        _check_heads(self.hidden_size, self.num_heads, "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipConfig:
+    """A BLIP model: which task heads it has (`architecture`) and how it computes."""
+
+    architecture: str = "caption"  # caption | retrieval | vqa
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    embed_dim: int = 256  # ITC projection width (HF image_text_hidden_size)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False  # run each layer stack as one nn.scan (and store it stacked)
+    remat_policy: str = "none"  # none | full | dots (nn.remat around each layer when training)
+
+    ARCHITECTURES = ("caption", "retrieval", "vqa")
+
+    def __post_init__(self):
+        if self.architecture not in self.ARCHITECTURES:
+            raise ValueError(f"unknown BLIP architecture {self.architecture!r}; expected one of {self.ARCHITECTURES}")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.architecture == "vqa" and self.text.encoder_hidden_size != self.text.hidden_size:
+            raise ValueError("vqa: the answer decoder cross-attends to question states, so the text "
+                             "encoder_hidden_size must equal its hidden_size")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "BlipConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "blip", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlipConfig":
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        return cls(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+

@@ -1,0 +1,170 @@
+"""Building blocks shared by every model: dense layers, norms, embeddings and attention.
+
+Every parameter is created with logical axis names (maxtext style) so that one rules table maps
+them onto the mesh; parameters are stored in `param_dtype` and cast to the compute `dtype` at use.
+
+Logical axis names used across the library:
+  embed    the model width                 mlp      the feed-forward width
+  heads    attention heads                 kv       the width of one head
+  vocab    the vocabulary                  qkv      the fused (q, k, v) axis
+  layers   the stacked axis of scanned layers
+Activations use: batch, length, embed (constrained with `nn.with_logical_constraint`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init, axes: Axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+    """A dense layer contracting the last `in_dims` input axes into `features` (an int or tuple).
+
+    Shaping q/k/v kernels as [embed, heads, kv] keeps the head axis visible to the sharding rules.
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: Axes
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.in_dims :]
+        kernel = self.param(
+            "kernel", logical(self.kernel_init, self.kernel_axes), in_shape + features, self.param_dtype
+        )
+        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((contract, tuple(range(self.in_dims))), ((), ())),
+        )
+        if self.use_bias:
+            bias_axes = self.kernel_axes[self.in_dims :]
+            bias = self.param("bias", logical(nn.initializers.zeros, bias_axes), features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with statistics in fp32 and the two-pass variance PyTorch uses."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def embed(num: int, features: int, axes: Axes, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Embed:
+    return nn.Embed(
+        num_embeddings=num,
+        features=features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=logical(default_kernel_init, axes),
+        name=name,
+    )
+
+
+def gelu(x):
+    """Exact (erf) GELU, as BERT and the BLIP ViT use; the tanh approximation drifts by ~1e-3."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32):
+    """Scaled dot-product attention. q [B,T,H,D], k/v [B,S,H,D], mask broadcastable to [B,H,T,S].
+
+    Softmax runs in fp32 whatever the compute dtype; masked logits get the fp32 minimum, which is
+    what PyTorch's additive masks amount to (a fully masked row becomes uniform, not NaN).
+    """
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v.astype(dtype))
+
+
+def padding_mask(mask):
+    """[B, S] 0/1 key mask -> boolean [B, 1, 1, S]."""
+    return mask[:, None, None, :].astype(bool)
+
+
+def causal_mask(key_mask, query_positions):
+    """Causal + padding mask: query at absolute position p sees keys at positions <= p.
+
+    key_mask [B, S] over every key position; query_positions [T] absolute positions of the queries.
+    """
+    key_positions = jnp.arange(key_mask.shape[1])
+    causal = key_positions[None, :] <= query_positions[:, None]  # [T, S]
+    return causal[None, None] & padding_mask(key_mask)
+
+
+def drop_path(x, rate: float, deterministic: bool, module: nn.Module):
+    """Stochastic depth: drop a whole residual branch per example (rescaled as timm does)."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def cubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] matrix of PyTorch's bicubic interpolation (a=-0.75, align_corners=False).
+
+    jax.image.resize uses a=-0.5 and antialiases when shrinking, so it does not reproduce
+    PyTorch's `interpolate(mode="bicubic")` that the checkpoints' position tables were fitted with.
+    """
+    a = -0.75
+
+    def weight(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        if t < 2:
+            return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+        return 0.0
+
+    matrix = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        src = (i + 0.5) * scale - 0.5
+        base = math.floor(src)
+        frac = src - base
+        for offset in range(-1, 3):
+            j = min(max(base + offset, 0), in_size - 1)  # border replication
+            matrix[i, j] += weight(offset - frac)
+    return matrix
+
+
+def resize_grid(table, new_hw: Sequence[int]):
+    """Bicubic resize of a [h, w, D] table to new_hw, separably, in fp32."""
+    h, w, _ = table.shape
+    rows = jnp.asarray(cubic_resize_matrix(h, new_hw[0]), jnp.float32)
+    cols = jnp.asarray(cubic_resize_matrix(w, new_hw[1]), jnp.float32)
+    table = table.astype(jnp.float32)
+    return jnp.einsum("ih,jw,hwd->ijd", rows, cols, table, precision=jax.lax.Precision.HIGHEST)

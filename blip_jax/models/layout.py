@@ -1,0 +1,67 @@
+"""Convert parameter trees between the unrolled (`layers_0`, `layers_1`, ...) and scanned
+(`layers`, stacked on a leading axis) layouts of `LayerStack`.
+
+Both functions consume their input as they go (each per-layer array is dropped once copied), so a
+conversion never holds two full copies of a model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_LAYER = re.compile(r"^layers_(\d+)$")
+
+
+def _is_unrolled_stack(node) -> bool:
+    return isinstance(node, dict) and node and all(_LAYER.match(k) for k in node)
+
+
+def stack_layers(tree: dict) -> dict:
+    """{'layers_0': t0, 'layers_1': t1, ...} -> {'layers': stacked}, recursively."""
+    if not isinstance(tree, dict):
+        return tree
+    if _is_unrolled_stack(tree):
+        count = len(tree)
+        layer_trees = [tree.pop(f"layers_{i}") for i in range(count)]
+        return {"layers": _stack([stack_layers(t) for t in layer_trees])}
+    return {k: stack_layers(v) for k, v in list(tree.items())}
+
+
+def _stack(trees: list):
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _stack([t.pop(k) for t in trees]) for k in list(first)}
+    out = np.empty((len(trees),) + np.shape(first), dtype=np.asarray(first).dtype)
+    for i in range(len(trees)):
+        out[i] = trees[i]
+        trees[i] = None
+    return out
+
+
+def unstack_layers(tree: dict) -> dict:
+    """{'layers': stacked} -> {'layers_0': ..., 'layers_1': ...}, recursively."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in list(tree.items()):
+        if k == "layers" and isinstance(v, dict):
+            count = _leading(v)
+            for i in range(count):
+                out[f"layers_{i}"] = unstack_layers(_index(v, i))
+        else:
+            out[k] = unstack_layers(v)
+    return out
+
+
+def _leading(tree) -> int:
+    while isinstance(tree, dict):
+        tree = next(iter(tree.values()))
+    return np.shape(tree)[0]
+
+
+def _index(tree, i):
+    if isinstance(tree, dict):
+        return {k: _index(v, i) for k, v in tree.items()}
+    return np.asarray(tree[i])
