@@ -24,8 +24,8 @@ class CheckpointReader:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._files = self._locate()
         self._handles: dict[Path, object] = {}
+        self._files = self._locate()
 
     def _locate(self) -> dict[str, Path]:
         d = self.directory

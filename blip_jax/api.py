@@ -1,0 +1,282 @@
+"""The Python API: `blip_jax.load(path)` -> a model object with preprocess, caption, itm, itc, vqa.
+
+Every compiled function takes the config as a static argument and the parameters as traced ones,
+so each (config, shape) compiles once and is reused across calls and model instances.
+Batches are processed in chunks padded to power-of-two sizes, bounding both memory and the
+number of distinct compiled shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip_jax import checkpoint, generation
+from blip_jax.images import ImageProcessor
+from blip_jax.models.blip import Blip
+from blip_jax.models.config import BlipConfig
+from blip_jax.text import BlipTokenizer
+
+# What each architecture serves.
+TASKS = {"caption": ("caption",), "retrieval": ("itm", "itc"), "vqa": ("vqa",)}
+
+# Decoding defaults of the BLIP paper / reference code; every option can be overridden per call.
+CAPTION_DEFAULTS = dict(num_beams=3, max_new_tokens=20, min_new_tokens=5)
+VQA_DEFAULTS = dict(num_beams=3, max_new_tokens=10, min_new_tokens=1)
+TEXT_PAD_MULTIPLE = 8  # pad token lengths to a multiple of this to share compiled programs
+
+
+class UnsupportedTaskError(ValueError):
+    """The loaded architecture has no head for the requested task."""
+
+
+# ------------------------------------------------------------------------- compiled pieces
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(config: BlipConfig, params, pixels):
+    return Blip(config).apply({"params": params}, pixels, method=Blip.encode_image)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _init_cache(config: BlipConfig, params, encoder_states, encoder_mask, max_len: int):
+    return Blip(config).apply({"params": params}, encoder_states, encoder_mask, max_len,
+                              method=Blip.init_decode_cache)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_step(config: BlipConfig):
+    """The generation step of the BLIP text decoder (one stable callable per config)."""
+    model = Blip(config)
+
+    def step(params, cache, token_ids, attention_mask, cache_index):
+        # transformers derives decoder positions from the mask (cumsum - 1) during generation.
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, token_ids.shape[1], axis=1)
+        logits, aux = model.apply({"params": params}, token_ids, attention_mask, positions=positions,
+                                  cache=cache, cache_index=cache_index, method=Blip.decode)
+        return logits, aux["cache"]
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _itm_probs(config: BlipConfig, params, image_embeds, ids, mask):
+    logits = Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.itm_logits)
+    return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _image_features(config: BlipConfig, params, pixels):
+    model = Blip(config)
+    embeds = model.apply({"params": params}, pixels, method=Blip.encode_image)
+    return model.apply({"params": params}, embeds, method=Blip.image_features)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_features(config: BlipConfig, params, ids, mask):
+    return Blip(config).apply({"params": params}, ids, mask, method=Blip.text_features)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_question(config: BlipConfig, params, image_embeds, ids, mask):
+    return Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.encode_question)
+
+
+# ------------------------------------------------------------------------- helpers
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    pad = np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)
+    return np.concatenate([x, pad])
+
+
+def _as_list(x) -> list:
+    if isinstance(x, (str, Path)) or not isinstance(x, (list, tuple)):
+        return [x]
+    return list(x)
+
+
+class BlipModel:
+    """A loaded BLIP model. Methods raise `UnsupportedTaskError` for tasks its heads cannot serve."""
+
+    def __init__(self, config: BlipConfig, params, tokenizer: BlipTokenizer | None = None,
+                 image_processor: ImageProcessor | None = None, path: str | Path | None = None,
+                 batch_size: int = 32):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or ImageProcessor(
+            size={"height": config.vision.image_size, "width": config.vision.image_size})
+        self.path = path
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kwargs) -> "BlipModel":
+        config, params = checkpoint.load(path)
+        path = Path(path)
+        has_tokenizer = (path / "tokenizer.json").exists() or (path / "vocab.txt").exists()
+        tokenizer = BlipTokenizer.from_dir(path) if has_tokenizer else None
+        return cls(config, params, tokenizer, ImageProcessor.from_dir(path), path=path, **kwargs)
+
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS[self.architecture]
+
+    def _require(self, task: str):
+        if task not in self.tasks:
+            raise UnsupportedTaskError(
+                f"{task} needs a BLIP {_ARCH_FOR[task]} model, but {self.path or 'this model'} is a "
+                f"{self.architecture} model, which serves: {', '.join(self.tasks)}")
+        if self.tokenizer is None:
+            raise FileNotFoundError(f"{self.path}: no tokenizer files (tokenizer.json or vocab.txt) to encode text")
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess(self, images) -> np.ndarray:
+        """PIL images, uint8 HxWx3 arrays, file paths or float NHWC pixel_values -> float32 [B, H, W, 3]."""
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            return self.image_processor(images)
+        return self.image_processor(_as_list(images))
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.config.text.max_position_embeddings)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        width = -(-ids.shape[1] // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
+        pad = width - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id)
+        return ids.astype(np.int32), np.pad(mask, ((0, 0), (0, pad))).astype(np.int32)
+
+    def _chunks(self, n: int):
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            yield start, stop, _bucket(stop - start)
+
+    def _generation_config(self, defaults: dict, options: dict) -> generation.GenerationConfig:
+        text = self.config.text
+        return generation.GenerationConfig.from_kwargs(
+            **{**defaults, **options, "eos_token_id": text.sep_token_id, "pad_token_id": text.pad_token_id})
+
+    def _decode_texts(self, sequences: np.ndarray) -> list[str]:
+        return [s.strip() for s in self.tokenizer.batch_decode(np.asarray(sequences), skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ tasks
+    def caption(self, images, prompt: str | None = None, **generation_options) -> list[str]:
+        """Captions (beam 3, <= 20 new tokens, >= 5 by default; any `GenerationConfig` option).
+
+        As transformers does, a prompt ("a picture of") starts the caption and is part of the text returned.
+        With `num_return_sequences=k` the k captions of each image are consecutive."""
+        self._require("caption")
+        pixels = self.preprocess(images)
+        config = self._generation_config(CAPTION_DEFAULTS, generation_options)
+        if prompt:  # "[CLS] prompt [SEP]" -> "[DEC] prompt": the decoder continues the prompt
+            prompt_ids = self.tokenizer([prompt])["input_ids"][0][:-1].copy()
+        else:
+            prompt_ids = np.array([0], np.int64)
+        prompt_ids[0] = self.config.text.bos_token_id
+        outputs = []
+        for start, stop, rows in self._chunks(len(pixels)):
+            chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
+            image_embeds = _encode_image(self.config, self.params, chunk)
+            ids = np.broadcast_to(prompt_ids.astype(np.int32), (rows, len(prompt_ids)))
+            seqs = self._generate(image_embeds, None, ids, config)
+            outputs += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
+        return outputs
+
+    def _generate(self, encoder_states, encoder_mask, prompt_ids, config) -> np.ndarray:
+        max_len = prompt_ids.shape[1] + config.max_new_tokens
+        if max_len > self.config.text.max_position_embeddings:
+            raise ValueError(f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({config.max_new_tokens}) "
+                             f"exceeds the decoder's {self.config.text.max_position_embeddings} positions")
+        if encoder_mask is None:
+            encoder_mask = jnp.ones(encoder_states.shape[:2], jnp.int32)
+        cache = _init_cache(self.config, self.params, encoder_states, encoder_mask, max_len)
+        out = generation.generate(decode_step(self.config), cache, prompt_ids, np.ones_like(prompt_ids), config,
+                                  params=self.params)
+        return np.asarray(out.sequences)
+
+    def vqa(self, images, questions, **generation_options) -> list[str]:
+        """Open-ended answers (beam 3, <= 10 new tokens by default), one per (image, question) pair."""
+        self._require("vqa")
+        pixels = self.preprocess(images)
+        questions = _as_list(questions)
+        pixels, questions = _pair_up(pixels, questions)
+        config = self._generation_config(VQA_DEFAULTS, generation_options)
+        answers = []
+        for start, stop, rows in self._chunks(len(pixels)):
+            chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
+            ids, mask = self._tokenize(questions[start:stop])
+            ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
+            image_embeds = _encode_image(self.config, self.params, chunk)
+            question_states = _encode_question(self.config, self.params, image_embeds, ids, mask)
+            # BLIP (and transformers) let the answer decoder see every question state, padding included.
+            bos = np.full((rows, 1), self.config.text.bos_token_id, np.int32)
+            seqs = self._generate(question_states, None, bos, config)
+            answers += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
+        return answers
+
+    def itm(self, images, texts) -> np.ndarray:
+        """Match probability of each (image, text) pair [N]; one image or one text is broadcast."""
+        self._require("itm")
+        pixels = self.preprocess(images)
+        pixels, texts = _pair_up(pixels, _as_list(texts))
+        probs = []
+        for start, stop, rows in self._chunks(len(pixels)):
+            chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
+            ids, mask = self._tokenize(texts[start:stop])
+            image_embeds = _encode_image(self.config, self.params, chunk)
+            p = _itm_probs(self.config, self.params, image_embeds, _pad_rows(ids, rows), _pad_rows(mask, rows))
+            probs.append(np.asarray(p)[: stop - start])
+        return np.concatenate(probs)
+
+    def image_features(self, images) -> np.ndarray:
+        """Unit-norm ITC image features [n_images, embed_dim]."""
+        self._require("itc")
+        pixels = self.preprocess(images)
+        feats = [np.asarray(_image_features(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r))))[: b - a]
+                 for a, b, r in self._chunks(len(pixels))]
+        return np.concatenate(feats)
+
+    def text_features(self, texts) -> np.ndarray:
+        """Unit-norm ITC text features [n_texts, embed_dim]."""
+        self._require("itc")
+        texts = _as_list(texts)
+        feats = []
+        for a, b, r in self._chunks(len(texts)):
+            ids, mask = self._tokenize(texts[a:b])
+            feats.append(np.asarray(_text_features(self.config, self.params, _pad_rows(ids, r), _pad_rows(mask, r)))[: b - a])
+        return np.concatenate(feats)
+
+    def itc(self, images, texts) -> np.ndarray:
+        """Cosine similarity matrix [n_images, n_texts] of the ITC features (no temperature)."""
+        return self.image_features(images) @ self.text_features(texts).T
+
+
+_ARCH_FOR = {task: arch for arch, tasks in TASKS.items() for task in tasks}
+
+
+def _pair_up(pixels: np.ndarray, texts: list) -> tuple[np.ndarray, list]:
+    """Pairs images with texts one to one, broadcasting a single image or a single text."""
+    if len(pixels) == len(texts):
+        return pixels, texts
+    if len(pixels) == 1:
+        return np.repeat(pixels, len(texts), axis=0), texts
+    if len(texts) == 1:
+        return pixels, texts * len(pixels)
+    raise ValueError(f"got {len(pixels)} images and {len(texts)} texts: give as many of each, or one of either")
+
+
+def load(path: str | Path, **kwargs: Any) -> BlipModel:
+    """Load a blip-jax model directory (made by `blip-jax convert`)."""
+    return BlipModel.from_dir(path, **kwargs)

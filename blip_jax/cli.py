@@ -1,0 +1,191 @@
+"""`blip-jax` command line: convert, caption, itm, vqa, demo.
+
+Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
+Images that cannot be read are skipped, listed and counted; the good ones are still processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+GENERATION_FLAGS = {  # flag -> (type, help); None values are left to the task defaults
+    "num_beams": (int, "beam width"),
+    "max_new_tokens": (int, "longest output, in tokens"),
+    "min_new_tokens": (int, "shortest output, in tokens"),
+    "length_penalty": (float, "beam score / length ** penalty"),
+    "repetition_penalty": (float, "penalty on tokens already present (1.0 = off)"),
+    "top_k": (int, "sampling: keep the k most likely tokens (0 = off)"),
+    "top_p": (float, "sampling: nucleus probability mass"),
+    "temperature": (float, "sampling temperature"),
+    "seed": (int, "sampling seed"),
+    "num_return_sequences": (int, "outputs per input"),
+}
+
+
+def _add_generation_flags(p: argparse.ArgumentParser):
+    for name, (kind, text) in GENERATION_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--sample", action="store_true", help="nucleus / top-k sampling instead of beam search")
+
+
+def _generation_options(args) -> dict:
+    options = {k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) is not None}
+    if args.sample:
+        options["do_sample"] = True
+        options.setdefault("num_beams", 1)
+    return options
+
+
+def _read_images(paths: list[str]):
+    """(good paths, their RGB arrays, skipped [{path, error}])."""
+    from blip_jax.images import load_image
+
+    good, arrays, skipped = [], [], []
+    for path in paths:
+        try:
+            arrays.append(load_image(path))
+            good.append(path)
+        except (OSError, ValueError) as e:
+            skipped.append({"path": path, "error": str(e)})
+            print(f"skipping {path}: {e}", file=sys.stderr)
+    return good, arrays, skipped
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _emit(args, data) -> None:
+    if getattr(args, "output", None):
+        write_json_atomic(args.output, data)
+    print(json.dumps(data, indent=2))
+
+
+def cmd_convert(args) -> int:
+    from blip_jax.convert import convert
+
+    report = convert(args.src, args.dst, scan_layers=args.scan_layers, param_dtype=args.param_dtype,
+                     overwrite=args.overwrite)
+    if args.verify:
+        from blip_jax.convert.verify import compare
+
+        report["verify_max_abs_diff"] = compare(args.src, args.dst)
+    _emit(args, report)
+    return 0
+
+
+def _run_on_images(args, task) -> int:
+    import blip_jax
+
+    model = blip_jax.load(args.ckpt, batch_size=args.batch_size)
+    paths, images, skipped = _read_images(args.images)
+    results = task(model, paths, images) if images else []
+    _emit(args, {"results": results, "skipped": skipped, "counts": {"ok": len(paths), "skipped": len(skipped)}})
+    return 0 if images else 1
+
+
+def cmd_caption(args) -> int:
+    def task(model, paths, images):
+        captions = model.caption(images, prompt=args.prompt, **_generation_options(args))
+        per = len(captions) // len(paths)
+        return [{"image": p, "caption": captions[i * per] if per == 1 else captions[i * per:(i + 1) * per]}
+                for i, p in enumerate(paths)]
+
+    return _run_on_images(args, task)
+
+
+def cmd_itm(args) -> int:
+    def task(model, paths, images):
+        import numpy as np
+
+        itc = model.itc(images, args.text)
+        out = []
+        for i, path in enumerate(paths):
+            probs = model.itm([images[i]], args.text)
+            out += [{"image": path, "text": t, "itm_probability": float(probs[j]), "itc_similarity": float(itc[i, j])}
+                    for j, t in enumerate(args.text)]
+        return out
+
+    return _run_on_images(args, task)
+
+
+def cmd_vqa(args) -> int:
+    def task(model, paths, images):
+        out = []
+        for question in args.question:
+            answers = model.vqa(images, [question], **_generation_options(args))
+            out += [{"image": p, "question": question, "answer": a} for p, a in zip(paths, answers)]
+        return out
+
+    return _run_on_images(args, task)
+
+
+def cmd_demo(args) -> int:
+    from blip_jax.demo import run_demo
+
+    _emit(args, run_demo(args.workdir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a transformers BLIP model directory")
+    p.add_argument("src", help="transformers model directory (config.json + safetensors or pytorch_model.bin)")
+    p.add_argument("dst", help="blip-jax model directory to create")
+    p.add_argument("--scan-layers", action="store_true", help="store layer stacks stacked, for nn.scan")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true",
+                   help="run the transformers model beside the converted one and print max abs differences")
+    p.add_argument("--output", help="also write the report to this JSON file")
+    p.set_defaults(func=cmd_convert)
+
+    def model_command(name, help_text, func):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--ckpt", required=True, help="blip-jax model directory")
+        p.add_argument("images", nargs="+", help="image files")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--output", help="also write the results to this JSON file")
+        p.set_defaults(func=func)
+        return p
+
+    p = model_command("caption", "caption images", cmd_caption)
+    p.add_argument("--prompt", default=None, help='text the caption starts with, e.g. "a picture of"')
+    _add_generation_flags(p)
+    p = model_command("itm", "image-text matching probability and ITC similarity", cmd_itm)
+    p.add_argument("--text", action="append", required=True, help="a text to match (repeatable)")
+    p = model_command("vqa", "answer questions about images", cmd_vqa)
+    p.add_argument("--question", action="append", required=True, help="a question (repeatable)")
+    _add_generation_flags(p)
+
+    p = sub.add_parser("demo", help="build a tiny random BLIP, convert it, caption and match images")
+    p.add_argument("--workdir", default="blip_jax_demo", help="where the demo writes its files")
+    p.add_argument("--output", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"blip-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

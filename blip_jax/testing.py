@@ -1,0 +1,154 @@
+"""Tiny random transformers BLIP checkpoints, for the test-suite and the `blip-jax demo` command.
+
+`write_tiny_checkpoint(dir, "caption" | "retrieval" | "vqa")` writes a complete transformers model
+directory laid out like the Salesforce/blip-* checkpoints (config.json, weights, tokenizer files,
+preprocessor_config.json) but a few hundred kB in size: a 248-entry BERT-style vocabulary (250 tokens with [DEC]/[ENC]) and a
+32-wide, 2-layer model. Only this function needs torch and transformers, imported lazily, so the
+module itself (and `sample_images`, `TINY_TEXTS`, `TINY_QUESTIONS`) imports without them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+ARCHITECTURES = {
+    "caption": "BlipForConditionalGeneration",
+    "retrieval": "BlipForImageTextRetrieval",
+    "vqa": "BlipForQuestionAnswering",
+}
+WEIGHTS_FORMATS = ("safetensors", "sharded", "bin")
+
+# BERT's specials; [DEC] and [ENC] are appended after the vocab by the tokenizer (ids V and V+1),
+# exactly as bert-base-uncased + BLIP gives [DEC]=30522, [ENC]=30523.
+_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_PUNCT = list(".,!?'\"-:;()&/")
+_WORDS = """
+a an the this that these those there here it its is are was be being been has have had do does
+of on in with at by for from to into near next under over behind front top up down out off and or
+but while as very some two three four five one many much few several lots lot other each all no
+yes not what which who where when why how color colour kind type sort number time sport animal
+man woman men women person people boy girl child children baby player players group crowd team
+dog dogs cat cats horse horses bird birds cow sheep bear elephant giraffe zebra animals fish
+car cars bus truck train plane bike motorcycle boat street road sidewalk sign light traffic city
+table chair bed couch room kitchen bathroom window door wall floor plate bowl cup food pizza cake
+sandwich banana apple orange donut hot field grass tree trees sky water beach ocean snow mountain
+park building clock tv laptop phone ball frisbee kite umbrella bag hat shirt picture photo image
+close view large small big little old young white black red blue green yellow brown gray grey
+pink purple dark bright sitting standing walking running riding playing eating holding looking
+lying flying parked wearing laying sits stands walks rides holds
+""".split()
+_SUFFIXES = ["##s", "##es", "##ed", "##ing", "##er", "##ly", "##y", "##n", "##al", "##e"]
+VOCAB = list(dict.fromkeys(_SPECIALS + _PUNCT + _WORDS + _SUFFIXES))  # de-duplicated, order kept
+
+# Short strings made of in-vocab words only (no [UNK]), for captions / retrieval texts / questions.
+TINY_TEXTS = [
+    "a picture of a dog sitting on the grass",
+    "a man riding a horse on the beach",
+    "two cats lying on a red couch",
+    "a woman holding an umbrella in the street",
+    "a plate of food on a table",
+    "a group of people playing frisbee in a park",
+]
+TINY_QUESTIONS = [
+    "what color is the dog?",
+    "how many people are there?",
+    "is the man wearing a hat?",
+    "what is the woman holding?",
+    "where is the cat sitting?",
+    "what animal is this?",
+]
+
+
+def sample_images(n: int, size: int = 48, seed: int = 0):
+    """`n` small random RGB PIL images of varied sizes (around `size`, never all square/equal)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        # the first is size x 4/3 size (landscape), the others random in [0.6, 1.4] x size per side
+        h = int(size * (0.6 + 0.8 * rng.random())) if i else size
+        w = int(size * (0.6 + 0.8 * rng.random())) if i else size + size // 3
+        # a smooth gradient plus noise, so resizing has something to interpolate
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / max(w - 1, 1), yy * 255 / max(h - 1, 1), np.full((h, w), 255.0 * i / max(n, 1))], -1)
+        pixels = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels, "RGB"))
+    return images
+
+
+def write_tiny_checkpoint(directory: str | os.PathLike, architecture: str = "caption", *, seed: int = 0,
+                          image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, num_layers: int = 2,
+                          num_heads: int = 4, weights_format: str = "safetensors", perturb: float = 0.1) -> Path:
+    """Write a tiny random transformers BLIP model directory and return its path.
+
+    weights_format: "safetensors" (model.safetensors), "sharded" (>= 2 safetensors shards plus
+    model.safetensors.index.json) or "bin" (pytorch_model.bin, the pre-safetensors layout).
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ValueError(f"weights_format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}")
+    import torch
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("model*.safetensors*"), *directory.glob("pytorch_model*.bin*")]:
+        stale.unlink()  # weights of an earlier call in another format would shadow the new ones
+    max_positions = 64
+
+    # Tokenizer, configured like the HF BLIP checkpoints: bert-base-uncased + bos [DEC] + extra [ENC].
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    tokenizer = transformers.BertTokenizer(str(vocab_file), bos_token="[DEC]", additional_special_tokens=["[ENC]"],
+                                           model_max_length=max_positions)
+    tokenizer.save_pretrained(directory)  # tokenizer.json + tokenizer_config.json (vocab.txt kept as written)
+    dec_id, sep_id = tokenizer.convert_tokens_to_ids(["[DEC]", "[SEP]"])
+    assert len(tokenizer) == len(VOCAB) + 2 and dec_id == len(VOCAB), (len(tokenizer), dec_id)
+
+    transformers.BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(directory)
+
+    config = transformers.BlipConfig(
+        vision_config=dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                           num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size),
+        # num_attention_heads given explicitly: BlipTextConfig's class default is 8, not the vision's 12.
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         max_position_embeddings=max_positions, bos_token_id=dec_id, sep_token_id=sep_id,
+                         eos_token_id=sep_id, pad_token_id=tokenizer.pad_token_id),
+        image_text_hidden_size=16,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCHITECTURES[architecture])(config).eval()
+    # HF initialises LayerNorms to 1/0, biases to 0 and the vision weights to ~1e-10: perturb every
+    # parameter (tied ones once) so that a transposed or swapped tensor cannot go unnoticed. At 0.05
+    # the image and question barely move greedy outputs (often the same text for every input); 0.1
+    # gives distinct outputs per input (seed 0 caption: 6 distinct captions for sample_images(6)).
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+    if weights_format == "bin":
+        # transformers 5's save_pretrained only writes safetensors; write the legacy layout by hand.
+        model.config.architectures = [type(model).__name__]  # model.save_pretrained would set this
+        model.config.save_pretrained(directory)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, directory / "pytorch_model.bin")
+        expected = ["pytorch_model.bin"]
+    elif weights_format == "sharded":
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(directory, max_shard_size=max(size // 3, 1))
+        expected = ["model.safetensors.index.json"]
+    else:
+        model.save_pretrained(directory)
+        expected = ["model.safetensors"]
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", *expected]:
+        assert (directory / name).is_file(), f"{name} was not written to {directory}"
+    if weights_format == "sharded":
+        assert len(list(directory.glob("model-*-of-*.safetensors"))) >= 2, "expected >= 2 safetensors shards"
+    return directory
