@@ -220,9 +220,12 @@ class BlipModel:
             ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
             image_embeds = _encode_image(self.config, self.params, chunk)
             question_states = _encode_question(self.config, self.params, image_embeds, ids, mask)
-            # BLIP (and transformers) let the answer decoder see every question state, padding included.
+            # BLIP (and transformers) let the answer decoder see every question state, the padding
+            # up to the longest question included; only our extra bucket padding is hidden.
+            longest = int(mask.sum(1).max())
+            states_mask = np.broadcast_to(np.arange(ids.shape[1]) < longest, ids.shape).astype(np.int32)
             bos = np.full((rows, 1), self.config.text.bos_token_id, np.int32)
-            seqs = self._generate(question_states, None, bos, config)
+            seqs = self._generate(question_states, jnp.asarray(states_mask), bos, config)
             answers += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
         return answers
 

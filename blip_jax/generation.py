@@ -35,9 +35,17 @@ prompt + generated tokens, ``pad_token_id`` after a row's end; ``scores`` are HF
 ``sequences_scores`` (length-penalised), or for greedy/sampling the sum of the log-probabilities
 (log_softmax of the processed logits) of the chosen tokens up to and including eos.
 
+Example (a model exposing ``decode_step(params, cache, ids, mask, index)`` at module level)::
+
+    cfg = GenerationConfig.from_kwargs(num_beams=3, max_new_tokens=30, eos_token_id=102)
+    cache = init_cache(batch=B, max_len=T + cfg.max_new_tokens)
+    out = generate(decode_step, cache, ids, mask, cfg, params=params)
+
 Known differences from HF: HF crops the output to the longest row (we always return the full
 width); in beam search HF fills ended rows with ``pad_token_id or eos_token_id[0]``, i.e. with eos
-when pad_token_id == 0 -- we always use ``pad_token_id``. Beam sampling is not implemented.
+when pad_token_id == 0 -- we always use ``pad_token_id``. Exact ties (argmax, top-k, top-p
+boundary) may be broken differently. Sampling draws from the same distribution as HF but with
+jax.random, so sampled tokens differ. Beam sampling is not implemented.
 """
 from __future__ import annotations
 

@@ -7,11 +7,13 @@ import torch
 import blip_jax
 from blip_jax.testing import sample_images
 
+# Options are always given in full: blip-jax's task defaults (beam 3, min 5 tokens) are BLIP's, not
+# transformers' (greedy, no minimum).
 CAPTION_SETTINGS = [
-    dict(num_beams=1, max_new_tokens=12),
-    dict(num_beams=3, max_new_tokens=12),
+    dict(num_beams=1, max_new_tokens=12, min_new_tokens=0),
+    dict(num_beams=3, max_new_tokens=12, min_new_tokens=0),
     dict(num_beams=3, max_new_tokens=12, min_new_tokens=4, length_penalty=0.6, repetition_penalty=1.5),
-    dict(num_beams=4, max_new_tokens=10, early_stopping=True, num_return_sequences=2),
+    dict(num_beams=4, max_new_tokens=10, min_new_tokens=0, early_stopping=True, num_return_sequences=2),
 ]
 
 

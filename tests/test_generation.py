@@ -101,7 +101,8 @@ def step_fn(params, cache, tokens, mask, index):
     has_prev = (p >= 1) & (jax.lax.dynamic_index_in_dim(mask, q, 1, keepdims=False) == 1)
     prev = jnp.where(has_prev, jax.lax.dynamic_index_in_dim(hist, q, 1, keepdims=False), V)
     pos = jnp.maximum(mask.sum(-1) - 1, 0)  # relies on unwritten positions being masked with 0
-    last = w["cur"][x] + w["prev"][prev] + w["pos"][pos] + jnp.tanh(h) @ w["out"] + w["bias"]
+    mix = jnp.dot(jnp.tanh(h), w["out"], precision="highest")  # no TF32 on GPUs
+    last = w["cur"][x] + w["prev"][prev] + w["pos"][pos] + mix + w["bias"]
     logits = jnp.zeros((tokens.shape[0], s, V), jnp.float32).at[:, -1].set(last)
     return logits, {"hist": hist, "h": h}
 
