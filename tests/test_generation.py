@@ -296,11 +296,11 @@ def test_sampling_distribution():
     """Empirical token frequencies follow softmax of the warped logits."""
     logits = jnp.asarray(np.random.default_rng(0).normal(0, 1.5, 12), jnp.float32)
     cfg = GenerationConfig(do_sample=True, temperature=0.8, top_k=5, top_p=0.95, max_new_tokens=1, seed=3)
-    n = 20000
+    n = 10000
     out = generate(const_step, {"x": jnp.zeros((n, 1))}, np.zeros((n, 1)), np.ones((n, 1)), cfg, params=logits)
     freq = np.bincount(np.asarray(out.sequences[:, 1]), minlength=12) / n
     probs = np.asarray(jax.nn.softmax(G.warp_for_sampling(logits[None], cfg)[0]))
-    np.testing.assert_allclose(freq, probs, atol=0.015)
+    np.testing.assert_allclose(freq, probs, atol=0.02)  # ~4 sigma
     assert (freq[probs == 0] == 0).all()
     np.testing.assert_allclose(np.asarray(out.scores), np.log(probs[np.asarray(out.sequences[:, 1])]), atol=1e-5)
 
@@ -324,7 +324,7 @@ def test_compiles_once_per_shapes_and_config():
 
 def test_step_fn_without_params():
     ids, mask = MAIN_PROMPTS
-    cfg = GenerationConfig(max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD, num_beams=3)
+    cfg = GenerationConfig(max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD, repetition_penalty=1.5)
     a = generate(step_fn, new_cache(3, T + N), ids, mask, cfg, params=PARAMS)
     b = generate(STEP_NO_PARAMS, new_cache(3, T + N), ids, mask, cfg)
     np.testing.assert_array_equal(np.asarray(a.sequences), np.asarray(b.sequences))

@@ -1,0 +1,26 @@
+"""Loss functions of the model heads (the trainer of later stages composes them per objective)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100  # label value excluded from the loss, as in PyTorch
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Mean token cross-entropy over labels != IGNORE, with PyTorch's label smoothing
+    ((1 - s) * NLL + s * mean over classes of -log p)."""
+    logits = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    valid = labels != IGNORE
+    safe = jnp.where(valid, labels, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    smooth = -logp.mean(axis=-1)
+    per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    return jnp.sum(per_token * valid) / jnp.maximum(valid.sum(), 1)
+
+
+def lm_loss(logits, labels, label_smoothing: float = 0.0):
+    """Next-token loss: position t predicts labels[t + 1] (transformers' shift)."""
+    return cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing)
