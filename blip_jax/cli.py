@@ -107,8 +107,6 @@ def cmd_caption(args) -> int:
 
 def cmd_itm(args) -> int:
     def task(model, paths, images):
-        import numpy as np
-
         itc = model.itc(images, args.text)
         out = []
         for i, path in enumerate(paths):
