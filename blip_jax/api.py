@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from blip_jax import checkpoint, generation
 from blip_jax.images import ImageProcessor
@@ -109,7 +110,7 @@ class BlipModel:
 
     def __init__(self, config: BlipConfig, params, tokenizer: BlipTokenizer | None = None,
                  image_processor: ImageProcessor | None = None, path: str | Path | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, progress: bool = False):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -117,6 +118,7 @@ class BlipModel:
             size={"height": config.vision.image_size, "width": config.vision.image_size})
         self.path = path
         self.batch_size = batch_size
+        self.progress = progress  # a progress bar (rate, ETA) on stderr over batches
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> "BlipModel":
@@ -159,7 +161,10 @@ class BlipModel:
         return ids.astype(np.int32), np.pad(mask, ((0, 0), (0, pad))).astype(np.int32)
 
     def _chunks(self, n: int):
-        for start in range(0, n, self.batch_size):
+        starts = range(0, n, self.batch_size)
+        if self.progress and len(starts) > 1:
+            starts = tqdm(starts, unit="batch", desc=f"blip-jax {self.architecture}")
+        for start in starts:
             stop = min(n, start + self.batch_size)
             yield start, stop, _bucket(stop - start)
 

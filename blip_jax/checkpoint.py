@@ -85,12 +85,14 @@ def read_config(directory: str | Path) -> BlipConfig:
     return BlipConfig.from_dict(d)
 
 
-def load(directory: str | Path):
+def load(directory: str | Path, scan_layers: bool | None = None):
     """(config, params) of a blip-jax model directory, params restored as jax arrays in the
-    config's parameter dtype and layout."""
+    config's parameter dtype. `scan_layers` switches the layer layout on load when it differs
+    from the stored one."""
     import jax.numpy as jnp
 
     from blip_jax.models.blip import param_shapes
+    from blip_jax.models.layout import stack_layers, unstack_layers
 
     config = read_config(directory)
     target = param_shapes(config)
@@ -99,4 +101,7 @@ def load(directory: str | Path):
     except Exception as e:  # orbax's errors on a tree mismatch are long; say what it means first
         raise ValueError(f"{directory}: the stored parameters do not match {CONFIG} "
                          f"({config.architecture}, scan_layers={config.scan_layers}): {e}") from e
+    if scan_layers is not None and scan_layers != config.scan_layers:
+        params = (stack_layers if scan_layers else unstack_layers)(params)
+        config = config.replace(scan_layers=scan_layers)
     return config, jax.tree.map(jnp.asarray, params)

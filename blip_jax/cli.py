@@ -88,7 +88,7 @@ def cmd_convert(args) -> int:
 def _run_on_images(args, task) -> int:
     import blip_jax
 
-    model = blip_jax.load(args.ckpt, batch_size=args.batch_size)
+    model = blip_jax.load(args.ckpt, batch_size=args.batch_size, progress=True)
     paths, images, skipped = _read_images(args.images)
     results = task(model, paths, images) if images else []
     _emit(args, {"results": results, "skipped": skipped, "counts": {"ok": len(paths), "skipped": len(skipped)}})

@@ -150,3 +150,11 @@ def flatten(tree):
     from flax import traverse_util
 
     return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_layout_can_be_switched_on_load(converted):
+    config, switched = checkpoint.load(converted("caption", False), scan_layers=True)
+    assert config.scan_layers
+    _, scanned = checkpoint.load(converted("caption", True))
+    a, b = flatten(jax_to_numpy(switched)), flatten(jax_to_numpy(scanned))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
