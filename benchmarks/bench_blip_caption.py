@@ -146,6 +146,10 @@ def main(argv=None) -> dict:
     size = sizes["vision"]["image_size"]
     tcfg = sizes["text"]
 
+    load_start = os.getloadavg()[0]
+    if load_start > 1.0:
+        print(f"warning: load average {load_start:.2f} at start: other processes compete for the "
+              f"{os.cpu_count()} CPUs and will skew the timings", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_blip_") as tmp:
         hf, jm = build_models(sizes, Path(tmp), args.seed)
@@ -291,6 +295,9 @@ def main(argv=None) -> dict:
         torch_threads=torch.get_num_threads(),
         torch_attn_implementation=getattr(hf.config, "_attn_implementation", None),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        env={k: os.environ[k] for k in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS",
+                                        "JAX_ENABLE_X64", "JAX_DEFAULT_MATMUL_PRECISION") if k in os.environ},
+        loadavg_at_start=load_start,
         platform=platform.platform(),
         setup_s=setup_s,
         results=results,
