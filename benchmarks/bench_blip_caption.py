@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     import transformers
 
     from blip_jax import generation, losses
-    from blip_jax.api import _encode_image, _init_cache, decode_step
+    from blip_jax.api import _encode_image, generate_text
     from blip_jax.models.blip import Blip
 
     sizes = SMALL if args.small else BASE
@@ -191,13 +191,10 @@ def main(argv=None) -> dict:
             num_beams=beams, max_new_tokens=n_new, min_new_tokens=n_new,
             eos_token_id=cfg.text.sep_token_id, pad_token_id=cfg.text.pad_token_id)
         prompt = np.full((b, 1), cfg.text.bos_token_id, np.int32)
-        step = decode_step(cfg)
 
         def run_jax():  # what BlipModel.caption does, minus image preprocessing and detokenisation
             embeds = _encode_image(cfg, params, pixels_j)
-            cache = _init_cache(cfg, params, embeds, jnp.ones(embeds.shape[:2], jnp.int32), 1 + n_new)
-            out = generation.generate(step, cache, prompt, np.ones_like(prompt), gcfg, params=params)
-            return np.asarray(out.sequences)
+            return generate_text(cfg, params, embeds, None, prompt, gcfg)
 
         def run_torch():
             with torch.inference_mode():

@@ -21,6 +21,7 @@ from blip_jax import checkpoint, generation
 from blip_jax.images import ImageProcessor
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
+from blip_jax.models.med import merge_cache, split_cache
 from blip_jax.text import BlipTokenizer
 
 # What each architecture serves.
@@ -50,16 +51,20 @@ def _init_cache(config: BlipConfig, params, encoder_states, encoder_mask, max_le
 
 @functools.lru_cache(maxsize=None)
 def decode_step(config: BlipConfig):
-    """The generation step of the BLIP text decoder (one stable callable per config)."""
+    """The generation step of the BLIP text decoder (one stable callable per config).
+
+    Its `params` are (weights, shared cache): the cross-attention keys/values of each example are
+    passed once, beside the per-beam cache that generation expands and reorders."""
     model = Blip(config)
 
     def step(params, cache, token_ids, attention_mask, cache_index):
+        weights, shared = params
         # transformers derives decoder positions from the mask (cumsum - 1) during generation.
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, token_ids.shape[1], axis=1)
-        logits, aux = model.apply({"params": params}, token_ids, attention_mask, positions=positions,
-                                  cache=cache, cache_index=cache_index, method=Blip.decode)
-        return logits, aux["cache"]
+        logits, aux = model.apply({"params": weights}, token_ids, attention_mask, positions=positions,
+                                  cache=merge_cache(cache, shared), cache_index=cache_index, method=Blip.decode)
+        return logits, split_cache(aux["cache"])[0]
 
     return step
 
@@ -85,6 +90,22 @@ def _text_features(config: BlipConfig, params, ids, mask):
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_question(config: BlipConfig, params, image_embeds, ids, mask):
     return Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.encode_question)
+
+
+def generate_text(config: BlipConfig, params, encoder_states, encoder_mask, prompt_ids,
+                  generation_config: generation.GenerationConfig) -> np.ndarray:
+    """Token ids [B * num_return_sequences, T + max_new_tokens] decoded over `encoder_states`
+    (image tokens, or VQA question states) from `prompt_ids` [B, T]; what caption and vqa run."""
+    max_len = prompt_ids.shape[1] + generation_config.max_new_tokens
+    if max_len > config.text.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({generation_config.max_new_tokens}) "
+                         f"exceeds the decoder's {config.text.max_position_embeddings} positions")
+    if encoder_mask is None:
+        encoder_mask = jnp.ones(encoder_states.shape[:2], jnp.int32)
+    cache, shared = split_cache(_init_cache(config, params, encoder_states, encoder_mask, max_len))
+    out = generation.generate(decode_step(config), cache, prompt_ids, np.ones_like(prompt_ids), generation_config,
+                              params=(params, shared))
+    return np.asarray(out.sequences)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -200,16 +221,7 @@ class BlipModel:
         return outputs
 
     def _generate(self, encoder_states, encoder_mask, prompt_ids, config) -> np.ndarray:
-        max_len = prompt_ids.shape[1] + config.max_new_tokens
-        if max_len > self.config.text.max_position_embeddings:
-            raise ValueError(f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({config.max_new_tokens}) "
-                             f"exceeds the decoder's {self.config.text.max_position_embeddings} positions")
-        if encoder_mask is None:
-            encoder_mask = jnp.ones(encoder_states.shape[:2], jnp.int32)
-        cache = _init_cache(self.config, self.params, encoder_states, encoder_mask, max_len)
-        out = generation.generate(decode_step(self.config), cache, prompt_ids, np.ones_like(prompt_ids), config,
-                                  params=self.params)
-        return np.asarray(out.sequences)
+        return generate_text(self.config, self.params, encoder_states, encoder_mask, prompt_ids, config)
 
     def vqa(self, images, questions, **generation_options) -> list[str]:
         """Open-ended answers (beam 3, <= 10 new tokens by default), one per (image, question) pair."""

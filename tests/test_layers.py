@@ -66,3 +66,23 @@ def test_layer_norm_and_gelu_match_torch(rng):
     np.testing.assert_allclose(np.asarray(ln.apply(params, x)), ref, atol=1e-5)
     ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.asarray(layers.gelu(x)), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_row_mask", [False, True])
+def test_grouped_attention_equals_repeated_keys(rng, per_row_mask):
+    """Beams share one copy of their example's keys/values: same result as one copy per beam."""
+    b, group, t, s, h, d = 2, 3, 2, 5, 4, 8
+    q = rng.standard_normal((b * group, t, h, d)).astype(np.float32)
+    k = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    v = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    if per_row_mask:
+        mask = rng.random((b * group, 1, t, s)) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = np.ones((b, 1, 1, s), bool)
+        mask[1, ..., 3:] = False
+    rep = lambda x: np.repeat(x, group, axis=0)
+    full_mask = mask if per_row_mask else rep(mask)
+    want = layers.attend(jnp.asarray(q), jnp.asarray(rep(k)), jnp.asarray(rep(v)), jnp.asarray(full_mask))
+    got = layers.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

@@ -94,18 +94,40 @@ def gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32):
-    """Scaled dot-product attention. q [B,T,H,D], k/v [B,S,H,D], mask broadcastable to [B,H,T,S].
+def heads_first(x):
+    """[B, S, H, D] -> [B, H, S, D], the layout keys and values are kept in (and cached in)."""
+    return jnp.swapaxes(x, 1, 2)
 
+
+def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32):
+    """Scaled dot-product attention. q [B, T, H, D]; k, v [Bk, H, S, D] head-major; mask
+    broadcastable to [Bk, H, T', S]. Returns [B, T, H, D].
+
+    Head-major operands give XLA batch-major dot products (about 4x faster attention on CPU than
+    einsums with the head axis in the middle). When Bk divides B, each group of B // Bk
+    consecutive query rows shares one key/value row: the beams of one example attend to a single
+    copy of its image keys instead of one copy per beam.
     Softmax runs in fp32 whatever the compute dtype; masked logits get the fp32 minimum, which is
     what PyTorch's additive masks amount to (a fully masked row becomes uniform, not NaN).
     """
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
+    batch, length, heads, head_dim = q.shape
+    group = batch // k.shape[0]
+    q = heads_first(q.reshape(k.shape[0], group * length, heads, head_dim))
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)
     if mask is not None:
+        if group > 1:  # per-row masks of grouped queries: [B, 1|H, T, S] -> [Bk, 1|H, G*T, S]
+            mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], length, mask.shape[3]))
+            if mask.shape[0] == batch:
+                m_heads = mask.shape[1]
+                mask = mask.reshape(k.shape[0], group, m_heads, length, mask.shape[3])
+                mask = jnp.swapaxes(mask, 1, 2).reshape(k.shape[0], m_heads, group * length, -1)
+            else:
+                mask = jnp.tile(mask, (1, 1, group, 1))
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v.astype(dtype))
+    out = jnp.einsum("bhts,bhsd->bhtd", probs, v.astype(dtype))
+    return heads_first(out).reshape(batch, length, heads, head_dim)
 
 
 def padding_mask(mask):

@@ -42,7 +42,8 @@ class Attention(nn.Module):
         self.out_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def keys_values(self, source):
-        return self.key(source), self.value(source)
+        """Head-major keys and values [B, H, S, D] of `source` [B, S, width]."""
+        return layers.heads_first(self.key(source)), layers.heads_first(self.value(source))
 
     def __call__(self, x, mask, keys, values):
         h = layers.attend(self.query(x), keys, values, mask, dtype=self.dtype)
@@ -66,8 +67,8 @@ class TextLayer(nn.Module):
         self_attn = Attention(cfg, cfg.hidden_size, name="self_attn", **kw)
         k, v = self_attn.keys_values(x)
         if cache is not None:  # write this step's keys/values, attend over every cached position
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
             new_cache = {"k": k, "v": v}
         x = self_attn(x, mask, k, v)
 
@@ -169,10 +170,10 @@ class TextTransformer(nn.Module):
         if encoder_mask is None:
             encoder_mask = jnp.ones((batch, enc_len), jnp.int32)
 
-        def empty(length):
+        def empty(length):  # head-major [B, (L,) H, S, D]
             if self.scan_layers:
-                return jnp.zeros((batch, cfg.num_layers, length, heads, head_dim), dtype)
-            return [jnp.zeros((batch, length, heads, head_dim), dtype) for _ in range(cfg.num_layers)]
+                return jnp.zeros((batch, cfg.num_layers, heads, length, head_dim), dtype)
+            return [jnp.zeros((batch, heads, length, head_dim), dtype) for _ in range(cfg.num_layers)]
 
         def layer_caches(k, v, ck, cv):
             if self.scan_layers:
@@ -187,3 +188,33 @@ class TextTransformer(nn.Module):
         _, aux = self(no_tokens, jnp.zeros((batch, max_len), jnp.int32), encoder_states=encoder_states,
                       causal=True, cache=cache, cache_index=jnp.int32(0))
         return aux["cache"]
+
+
+CROSS_KEYS = ("cross_k", "cross_v")
+
+
+def split_cache(cache):
+    """(per-row part, shared part) of a decoding cache.
+
+    Self-attention keys/values follow each row (a beam) and are reordered with it; the
+    cross-attention keys/values and the encoder mask are the same for every beam of an example, so
+    generation keeps them once per example (as `params`, untouched) and `attend` shares them.
+    """
+    def part(layer, cross):
+        return {k: v for k, v in layer.items() if (k in CROSS_KEYS) == cross}
+
+    stack = cache["layers"]
+    if isinstance(stack, list):
+        rows, shared = [part(l, False) for l in stack], [part(l, True) for l in stack]
+    else:
+        rows, shared = part(stack, False), part(stack, True)
+    return {"layers": rows}, {"layers": shared, "encoder_mask": cache["encoder_mask"]}
+
+
+def merge_cache(rows, shared):
+    stack = rows["layers"]
+    if isinstance(stack, list):
+        merged = [{**a, **b} for a, b in zip(stack, shared["layers"])]
+    else:
+        merged = {**stack, **shared["layers"]}
+    return {"layers": merged, "encoder_mask": shared["encoder_mask"]}

@@ -63,7 +63,7 @@ class VisionBlock(nn.Module):
 
         h = layers.layer_norm(cfg.layer_norm_eps, name="ln1", **kw)(x)
         qkv = layers.Dense((3, heads, head_dim), ("embed", "qkv", "heads", "kv"), name="qkv", **kw)(h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = qkv[:, :, 0], layers.heads_first(qkv[:, :, 1]), layers.heads_first(qkv[:, :, 2])
         h = layers.attend(q, k, v, dtype=self.dtype)
         h = nn.Dropout(cfg.attention_dropout)(h, deterministic=self.deterministic)
         h = layers.Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_dims=2, name="proj", **kw)(h)
