@@ -1,0 +1,19 @@
+"""The benchmark script runs (tiny config) and its JAX and PyTorch sides agree; no timing asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_caption_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_blip_caption.py"), "--small", "--iters", "1",
+                    "--warmup", "1", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"greedy", "beam3", "train"}
+    assert results["greedy"]["all_identical"] and results["beam3"]["all_identical"]
+    assert results["train"]["loss_abs_diff"] < 1e-4
+    assert all(r["ratio"] > 0 for r in results.values())
