@@ -1,0 +1,341 @@
+"""OPT (Meta's Open Pre-trained Transformer), the frozen LLM of BLIP-2, matching transformers'
+`OPTForCausalLM` (logits within float32 noise, generation token for token).
+
+Architecture: learned positions (table of max_position_embeddings + 2 rows, looked up at
+`position + 2`, positions derived from the attention mask as HF does: cumsum(mask) * mask - 1, so
+padding sits at -1), optional `project_in`/`project_out` when `word_embed_proj_dim` differs from
+`hidden_size` (opt-350m), pre-LN blocks (`do_layer_norm_before`, post-LN for opt-350m), ReLU MLP,
+LayerNorm eps 1e-5, final LayerNorm, `lm_head` tied to `embed_tokens` (or separate when untied).
+
+Decoding uses an explicit head-major cache, per layer {"k", "v"} [B, H, max_len, D] (scanned:
+[B, L, H, max_len, D]), written at `cache_index` with dynamic_update_slice, wrapped as
+{"layers": ...}. `decode_step(config)` is a `blip_jax.generation` step function.
+
+Parameter tree (unrolled layout; the scanned one stacks `decoder/layers_i` into `decoder/layers`):
+    embed_tokens/embedding [V, P]         model.decoder.embed_tokens.weight
+    embed_positions/embedding [N+2, D]    model.decoder.embed_positions.weight
+    project_in/kernel [P, D]              model.decoder.project_in.weight       (P != D only)
+    decoder/layers_i/self_attn/{q,k,v}_proj/{kernel [D, H, Dh], bias [H, Dh]}
+    decoder/layers_i/self_attn/out_proj/{kernel [H, Dh, D], bias [D]}
+    decoder/layers_i/{self_attn_layer_norm, final_layer_norm}/{scale, bias}
+    decoder/layers_i/fc1, fc2/{kernel, bias}
+    final_layer_norm/{scale, bias}        model.decoder.final_layer_norm
+    project_out/kernel [D, P]             model.decoder.project_out.weight      (P != D only)
+    lm_head/kernel [P, V]                 lm_head.weight                         (untied only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from blip_jax.models import layers
+from blip_jax.models.stack import LayerStack
+
+POSITION_OFFSET = 2
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int | None = None  # None: hidden_size
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    activation: str = "relu"
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the word embeddings (and of `inputs_embeds`)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "OptConfig":
+        """From an OPT `config.json` dict (or the `text_config` of a BLIP-2 one)."""
+        def get(key, default):
+            value = hf.get(key)
+            return default if value is None else value
+
+        d = cls()
+        eos = get("eos_token_id", d.eos_token_id)
+        return cls(
+            vocab_size=get("vocab_size", d.vocab_size),
+            hidden_size=get("hidden_size", d.hidden_size),
+            num_layers=get("num_hidden_layers", d.num_layers),
+            num_heads=get("num_attention_heads", d.num_heads),
+            ffn_dim=get("ffn_dim", d.ffn_dim),
+            max_position_embeddings=get("max_position_embeddings", d.max_position_embeddings),
+            word_embed_proj_dim=hf.get("word_embed_proj_dim"),
+            do_layer_norm_before=get("do_layer_norm_before", d.do_layer_norm_before),
+            remove_final_layer_norm=get("_remove_final_layer_norm", d.remove_final_layer_norm),
+            enable_bias=get("enable_bias", d.enable_bias),
+            layer_norm_elementwise_affine=get("layer_norm_elementwise_affine", d.layer_norm_elementwise_affine),
+            tie_word_embeddings=get("tie_word_embeddings", d.tie_word_embeddings),
+            activation=get("activation_function", d.activation),
+            dropout=float(get("dropout", d.dropout)),
+            attention_dropout=float(get("attention_dropout", d.attention_dropout)),
+            pad_token_id=get("pad_token_id", d.pad_token_id),
+            bos_token_id=get("bos_token_id", d.bos_token_id),
+            eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+        )
+
+
+def _layer_norm(cfg: OptConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    affine = cfg.layer_norm_elementwise_affine
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+        use_scale=affine, use_bias=affine,
+        scale_init=layers.logical(nn.initializers.ones, ("embed",)),
+        bias_init=layers.logical(nn.initializers.zeros, ("embed",)), name=name,
+    )
+
+
+class OptAttention(nn.Module):
+    config: OptConfig
+    deterministic: bool = True
+    dtype: layers.Dtype = jnp.float32
+    param_dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, cache_index, cache):
+        cfg = self.config
+        kw = dict(use_bias=cfg.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        shape = (cfg.num_heads, cfg.head_dim)
+        q = layers.Dense(shape, ("embed", "heads", "kv"), name="q_proj", **kw)(x)
+        k = layers.heads_first(layers.Dense(shape, ("embed", "heads", "kv"), name="k_proj", **kw)(x))
+        v = layers.heads_first(layers.Dense(shape, ("embed", "heads", "kv"), name="v_proj", **kw)(x))
+        new_cache = None
+        if cache is not None:  # write this step's keys/values, attend over every cached position
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
+            new_cache = {"k": k, "v": v}
+        h = layers.attend(q, k, v, mask, dtype=self.dtype)
+        h = nn.Dropout(cfg.attention_dropout)(h, deterministic=self.deterministic)  # HF drops probs
+        h = layers.Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_dims=2, name="out_proj", **kw)(h)
+        return h, new_cache
+
+
+class OptLayer(nn.Module):
+    config: OptConfig
+    deterministic: bool = True
+    dtype: layers.Dtype = jnp.float32
+    param_dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, cache_index, cache):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pre = cfg.do_layer_norm_before
+        attn_norm = _layer_norm(cfg, name="self_attn_layer_norm", **kw)
+        mlp_norm = _layer_norm(cfg, name="final_layer_norm", **kw)
+
+        h = attn_norm(x) if pre else x
+        h, new_cache = OptAttention(cfg, self.deterministic, name="self_attn", **kw)(h, mask, cache_index, cache)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        if not pre:
+            x = attn_norm(x)
+
+        h = mlp_norm(x) if pre else x
+        h = layers.Dense(cfg.ffn_dim, ("embed", "mlp"), use_bias=cfg.enable_bias, name="fc1", **kw)(h)
+        h = _ACTIVATIONS[cfg.activation](h)
+        h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.enable_bias, name="fc2", **kw)(h)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        if not pre:
+            x = mlp_norm(x)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+
+
+def hf_positions(attention_mask):
+    """HF OPT's positions: cumsum(mask) * mask - 1 (padding at -1, i.e. table row 1)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask - 1
+
+
+class OPT(nn.Module):
+    """OPTForCausalLM. `__call__(input_ids, attention_mask, *, inputs_embeds, positions, cache,
+    cache_index, deterministic, last_only) -> (logits float32 [B, T, V], aux)`.
+
+    Inputs: `input_ids` [B, T] and/or `inputs_embeds` [B, T', embed_dim] (the width of the word
+    embeddings, before `project_in`); with both, the embeddings come first (BLIP-2's soft prompt
+    followed by the text). `attention_mask` [B, T_total] (0/1, left padding), or [B, max_len] over
+    every cache position when decoding with a cache (the inputs then sit at `cache_index`).
+    `positions` default to HF's, derived from the mask. `last_only` computes the logits of the last
+    position only ([B, 1, V]), what generation needs. aux["cache"] holds the updated cache.
+    """
+
+    config: OptConfig
+    dtype: layers.Dtype = jnp.float32
+    param_dtype: layers.Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None,
+                 cache_index=None, deterministic: bool = True, last_only: bool = False):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embed_tokens = layers.embed(cfg.vocab_size, cfg.embed_dim, ("vocab", "embed"), name="embed_tokens", **kw)
+        pieces = []
+        if inputs_embeds is not None:
+            pieces.append(inputs_embeds.astype(self.dtype))
+        if input_ids is not None:
+            pieces.append(embed_tokens(input_ids))
+        if not pieces:
+            raise ValueError("pass input_ids and/or inputs_embeds")
+        x = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+        batch, length = x.shape[:2]
+        if attention_mask is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs an attention_mask over every cache position")
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+
+        start = 0 if cache is None else cache_index
+        query_positions = start + jnp.arange(length)
+        if positions is None:
+            positions = jax.lax.dynamic_slice_in_dim(hf_positions(attention_mask), start, length, axis=1)
+
+        if cfg.embed_dim != cfg.hidden_size:
+            x = layers.Dense(cfg.hidden_size, (None, "embed"), use_bias=False, name="project_in", **kw)(x)
+        embed_positions = layers.embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
+                                       (None, "embed"), name="embed_positions", **kw)
+        x = x + embed_positions(positions + POSITION_OFFSET)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        mask = layers.causal_mask(attention_mask, query_positions)
+        x, layer_cache = LayerStack(
+            OptLayer,
+            dict(config=cfg, deterministic=deterministic, **kw),
+            cfg.num_layers,
+            scan=self.scan_layers,
+            remat_policy=self.remat_policy,
+            name="decoder",
+        )(x, mask, cache_index, cache=None if cache is None else cache["layers"])
+
+        if last_only:
+            x = x[:, -1:]
+        if cfg.has_final_layer_norm:
+            x = _layer_norm(cfg, name="final_layer_norm", **kw)(x)
+        if cfg.embed_dim != cfg.hidden_size:
+            x = layers.Dense(cfg.embed_dim, ("embed", None), use_bias=False, name="project_out", **kw)(x)
+        if cfg.tie_word_embeddings:
+            logits = embed_tokens.attend(x)
+        else:
+            logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)(x)
+
+        aux = {}
+        if cache is not None:
+            aux["cache"] = {"layers": layer_cache}
+        return logits.astype(jnp.float32), aux
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        return init_cache(self.config, batch, max_len, dtype, scan_layers=self.scan_layers)
+
+
+def init_cache(config: OptConfig, batch: int, max_len: int, dtype=jnp.float32, *, scan_layers: bool = False):
+    """Zero decoding cache for `max_len` positions: {"layers": per-layer {"k", "v"} [B, H, max_len, Dh]
+    (a list), or, scanned, {"k", "v"} [B, L, H, max_len, Dh]}."""
+    shape = (batch, config.num_heads, max_len, config.head_dim)
+    if scan_layers:
+        shape = (batch, config.num_layers) + shape[1:]
+        return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}
+    return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                       for _ in range(config.num_layers)]}
+
+
+@functools.lru_cache(maxsize=None)
+def decode_step(config: OptConfig, *, scan_layers: bool = False, dtype=jnp.float32):
+    """The `blip_jax.generation` step of OPT: `step(params, cache, token_ids, attention_mask,
+    cache_index) -> (logits [R, 1, V], cache)`; one stable callable per (config, layout, dtype)."""
+    model = OPT(config, dtype=dtype, scan_layers=scan_layers)
+
+    def step(params, cache, token_ids, attention_mask, cache_index):
+        logits, aux = model.apply({"params": params}, token_ids, attention_mask, cache=cache,
+                                  cache_index=cache_index, last_only=True)
+        return logits, aux["cache"]
+
+    return step
+
+
+def param_shapes(config: OptConfig, scan_layers: bool = False):
+    """The parameter tree of `OPT(config)` as ShapeDtypeStructs (no allocation)."""
+    model = OPT(config, scan_layers=scan_layers)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.unbox(variables["params"])
+
+
+def hf_key(path: tuple[str, ...], prefix: str = "") -> tuple[str, str]:
+    """(transformers key, kind) of an unrolled Flax parameter path; kind is linear/embed/norm/bias."""
+    leaf = path[-1]
+    suffix = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    kind = {"kernel": "linear", "embedding": "embed", "scale": "norm", "bias": "bias"}[leaf]
+    if path[0] == "lm_head":
+        return prefix + "lm_head.weight", kind
+    if path[0] == "decoder":
+        index = path[1].removeprefix("layers_")
+        return f"{prefix}model.decoder.layers.{index}.{'.'.join(path[2:-1])}.{suffix}", kind
+    return f"{prefix}model.decoder.{path[0]}.{suffix}", kind
+
+
+def load_opt_params(state_dict: Mapping[str, Any], config: OptConfig, *, scan_layers: bool = False,
+                    prefix: str = "", dtype=np.float32) -> dict:
+    """Flax params of `OPT(config)` from an `OPTForCausalLM` state dict (numpy arrays or CPU torch
+    tensors). `prefix` is prepended to every key (e.g. "language_model." in a BLIP-2 checkpoint).
+    `lm_head.weight` is only read when the embeddings are untied. Raises KeyError/ValueError on a
+    missing or misshapen tensor."""
+    from blip_jax.convert.convert import to_flax
+
+    expected = traverse_util.flatten_dict(param_shapes(config))
+    flat = {}
+    for path, spec in expected.items():
+        key, kind = hf_key(path, prefix)
+        if key not in state_dict:
+            raise KeyError(f"missing {key} (for {'/'.join(path)})")
+        tensor = state_dict[key]
+        if hasattr(tensor, "detach"):
+            tensor = tensor.detach().float().numpy()
+        tensor = np.asarray(tensor, np.float32)
+        value = to_flax(tensor, "linear" if kind == "linear" else "other", tuple(spec.shape))
+        if value is None:
+            raise ValueError(f"{key}: shape {tensor.shape} does not fit {'/'.join(path)} {tuple(spec.shape)}")
+        flat[path] = np.ascontiguousarray(value, dtype=dtype)
+    params = traverse_util.unflatten_dict(flat)
+    if scan_layers:
+        from blip_jax.models.layout import stack_layers
+        params = stack_layers(params)
+    return params
