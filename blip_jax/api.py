@@ -223,20 +223,24 @@ class BlipModel:
     def _generate(self, encoder_states, encoder_mask, prompt_ids, config) -> np.ndarray:
         return generate_text(self.config, self.params, encoder_states, encoder_mask, prompt_ids, config)
 
+    def _image_embeds(self, pixels: np.ndarray):
+        """ViT tokens of every image [n, 1 + patches, D], encoded once, kept on device."""
+        return jnp.concatenate([_encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))[: b - a]
+                                for a, b, r in self._chunks(len(pixels))])
+
     def vqa(self, images, questions, **generation_options) -> list[str]:
         """Open-ended answers (beam 3, <= 10 new tokens by default), one per (image, question) pair."""
         self._require("vqa")
         pixels = self.preprocess(images)
-        questions = _as_list(questions)
-        pixels, questions = _pair_up(pixels, questions)
+        image_index, questions = _pair_up(len(pixels), _as_list(questions))
+        image_embeds = self._image_embeds(pixels)
         config = self._generation_config(VQA_DEFAULTS, generation_options)
         answers = []
-        for start, stop, rows in self._chunks(len(pixels)):
-            chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
+        for start, stop, rows in self._chunks(len(questions)):
             ids, mask = self._tokenize(questions[start:stop])
             ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
-            image_embeds = _encode_image(self.config, self.params, chunk)
-            question_states = _encode_question(self.config, self.params, image_embeds, ids, mask)
+            embeds = image_embeds[_pad_rows(image_index[start:stop], rows)]
+            question_states = _encode_question(self.config, self.params, embeds, ids, mask)
             # BLIP (and transformers) let the answer decoder see every question state, the padding
             # up to the longest question included; only our extra bucket padding is hidden.
             longest = int(mask.sum(1).max())
@@ -250,13 +254,13 @@ class BlipModel:
         """Match probability of each (image, text) pair [N]; one image or one text is broadcast."""
         self._require("itm")
         pixels = self.preprocess(images)
-        pixels, texts = _pair_up(pixels, _as_list(texts))
+        image_index, texts = _pair_up(len(pixels), _as_list(texts))
+        image_embeds = self._image_embeds(pixels)
         probs = []
-        for start, stop, rows in self._chunks(len(pixels)):
-            chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
+        for start, stop, rows in self._chunks(len(texts)):
             ids, mask = self._tokenize(texts[start:stop])
-            image_embeds = _encode_image(self.config, self.params, chunk)
-            p = _itm_probs(self.config, self.params, image_embeds, _pad_rows(ids, rows), _pad_rows(mask, rows))
+            embeds = image_embeds[_pad_rows(image_index[start:stop], rows)]
+            p = _itm_probs(self.config, self.params, embeds, _pad_rows(ids, rows), _pad_rows(mask, rows))
             probs.append(np.asarray(p)[: stop - start])
         return np.concatenate(probs)
 
@@ -286,15 +290,16 @@ class BlipModel:
 _ARCH_FOR = {task: arch for arch, tasks in TASKS.items() for task in tasks}
 
 
-def _pair_up(pixels: np.ndarray, texts: list) -> tuple[np.ndarray, list]:
-    """Pairs images with texts one to one, broadcasting a single image or a single text."""
-    if len(pixels) == len(texts):
-        return pixels, texts
-    if len(pixels) == 1:
-        return np.repeat(pixels, len(texts), axis=0), texts
+def _pair_up(n_images: int, texts: list) -> tuple[np.ndarray, list]:
+    """(image index of each pair, text of each pair): one to one, or a single image or a single
+    text broadcast. Images are indexed, not copied, so each is encoded once."""
+    if n_images == len(texts):
+        return np.arange(n_images), texts
+    if n_images == 1:
+        return np.zeros(len(texts), np.int64), texts
     if len(texts) == 1:
-        return pixels, texts * len(pixels)
-    raise ValueError(f"got {len(pixels)} images and {len(texts)} texts: give as many of each, or one of either")
+        return np.arange(n_images), texts * n_images
+    raise ValueError(f"got {n_images} images and {len(texts)} texts: give as many of each, or one of either")
 
 
 def load(path: str | Path, **kwargs: Any) -> BlipModel:

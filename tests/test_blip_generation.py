@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+import jax.numpy as jnp
+
 import blip_jax
+from blip_jax.api import _encode_image, generate_text
+from blip_jax.generation import GenerationConfig
 from blip_jax.testing import sample_images
 
 # Options are always given in full: blip-jax's task defaults (beam 3, min 5 tokens) are BLIP's, not
@@ -23,8 +27,15 @@ def _hf_processor(directory):
     return BlipProcessor.from_pretrained(str(directory))
 
 
-def _ids(model, texts):
-    return [model.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+def _until_eos(sequences, eos, pad):
+    """Rows cut after their first eos and padded: transformers fills finished beams with eos when
+    pad is 0, and crops to the longest row; both are filler, not generated tokens."""
+    rows = []
+    for row in np.asarray(sequences).tolist():
+        end = row.index(eos) + 1 if eos in row else len(row)
+        rows.append(row[:end] + [pad] * (len(row) - end))
+    width = max(len(r) for r in rows)
+    return [r + [pad] * (width - len(r)) for r in rows]
 
 
 @pytest.mark.parametrize("options", CAPTION_SETTINGS)
@@ -39,9 +50,19 @@ def test_captions_match_transformers(hf_checkpoint, converted, hf_model, options
     model = blip_jax.load(converted("caption"))
     ours = model.caption(images, prompt=prompt, **options)
     assert ours == ref_text
-    # Token level: the JAX sequences, cut where transformers stopped, are transformers' ids.
-    assert _ids(model, ours) == _ids(model, ref_text)
     assert any(t for t in ours)  # not vacuous: something was generated
+    # Token level, prompt included: the ids generate_text (what caption runs) produces.
+    text = model.config.text
+    prompt_ids = inputs["input_ids"].numpy()[:, :-1].copy() if prompt else np.zeros((3, 1), np.int64)
+    prompt_ids[:, 0] = text.bos_token_id
+    config = GenerationConfig.from_kwargs(**options, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
+    image_embeds = _encode_image(model.config, model.params, jnp.asarray(model.preprocess(images)))
+    ids = generate_text(model.config, model.params, image_embeds, None, prompt_ids.astype(np.int32), config)
+    width = ids.shape[1]
+    assert ref.shape[1] <= width
+    ref_ids = np.pad(ref.numpy(), ((0, 0), (0, width - ref.shape[1])), constant_values=text.pad_token_id)
+    assert _until_eos(ids, text.sep_token_id, text.pad_token_id) == _until_eos(ref_ids, text.sep_token_id,
+                                                                                  text.pad_token_id)
 
 
 @pytest.mark.parametrize("options", CAPTION_SETTINGS[:3])

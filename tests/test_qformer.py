@@ -6,7 +6,8 @@ import pytest
 import torch
 from flax import linen as nn
 
-from blip_jax.models.qformer import (QFormer, QFormerConfig, QFormerWeightError, load_qformer_params,
+from blip_jax.convert.mapping import ConversionError
+from blip_jax.models.qformer import (QFormer, QFormerConfig, load_qformer_params,
                                      param_shapes)
 
 
@@ -91,7 +92,7 @@ def test_loader_reports_missing_and_unexpected_keys():
     del broken["qformer.encoder.layer.2.crossattention.attention.key.weight"]
     broken["qformer.encoder.layer.9.extra.weight"] = np.zeros(3, np.float32)
     broken["language_projection.weight"] = np.zeros(3, np.float32)  # outside the prefix: ignored
-    with pytest.raises(QFormerWeightError) as err:
+    with pytest.raises(ConversionError) as err:
         load_qformer_params(broken, cfg)
     msg = str(err.value)
     assert "missing keys (1)" in msg and "layer.2.crossattention.attention.key.weight" in msg

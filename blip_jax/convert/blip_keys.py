@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from blip_jax.convert.mapping import rename
+
 # (pattern on the blip-jax path, replacement giving the transformers module path)
 _MODULES = [
     (r"^vision/embed/cls$", "vision_model.embeddings.class_embedding"),
@@ -38,24 +40,10 @@ _MODULES = [
     (r"/encoder/layers_(\d+)/ln/", r".encoder.layer.\1.output.LayerNorm/"),
     (r"^text_encoder/", "text_encoder/"),
 ]
-_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-
 # Keys a checkpoint may hold that carry nothing new: buffers and the tied copies of the LM head.
 IGNORED = re.compile(r"(position_ids$|\.cls\.predictions\.decoder\.(weight|bias)$|\.pooler\.)")
-TIED = {"text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
-        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight"}
 
 
 def hf_key(path: str) -> tuple[str, str]:
-    """blip-jax path 'a/b/kernel' -> (transformers key, kind); kind is linear | conv | plain."""
-    module = path
-    for pattern, repl in _MODULES:
-        module = re.sub(pattern, repl, module)
-    if "/" not in module:  # a bare parameter (cls, pos, head_bias)
-        return module, "plain"
-    head, leaf = module.rsplit("/", 1)
-    head = head.replace("/", ".")
-    kind = "plain"
-    if leaf == "kernel":
-        kind = "conv" if head.endswith("patch_embedding") else "linear"
-    return f"{head}.{_LEAVES[leaf]}", kind
+    """blip-jax path 'a/b/kernel' -> (transformers key, kind)."""
+    return rename(path, _MODULES)

@@ -65,13 +65,16 @@ class Dense(nn.Module):
         return y
 
 
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+               affine: bool = True) -> nn.LayerNorm:
     """LayerNorm with statistics in fp32 and the two-pass variance PyTorch uses."""
     return nn.LayerNorm(
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=False,
+        use_scale=affine,
+        use_bias=affine,
         scale_init=logical(nn.initializers.ones, ("embed",)),
         bias_init=logical(nn.initializers.zeros, ("embed",)),
         name=name,
@@ -128,6 +131,15 @@ def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bhts,bhsd->bhtd", probs, v.astype(dtype))
     return heads_first(out).reshape(batch, length, heads, head_dim)
+
+
+def write_cache(cache, keys, values, cache_index):
+    """Write this step's head-major keys/values [B, H, S, D] into a decoding cache at `cache_index`;
+    returns the cache, whose keys/values cover every position (attend masks the unwritten ones)."""
+    def write(old, new):
+        return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache_index, axis=2)
+
+    return {"k": write(cache["k"], keys), "v": write(cache["v"], values)}
 
 
 def padding_mask(mask):

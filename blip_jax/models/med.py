@@ -11,7 +11,6 @@ once by `init_cache` instead of at every step.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -66,10 +65,9 @@ class TextLayer(nn.Module):
 
         self_attn = Attention(cfg, cfg.hidden_size, name="self_attn", **kw)
         k, v = self_attn.keys_values(x)
-        if cache is not None:  # write this step's keys/values, attend over every cached position
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
-            new_cache = {"k": k, "v": v}
+        if cache is not None:
+            new_cache = layers.write_cache(cache, k, v, cache_index)
+            k, v = new_cache["k"], new_cache["v"]
         x = self_attn(x, mask, k, v)
 
         if cfg.cross_attention and (encoder_states is not None or cache is not None):

@@ -21,7 +21,6 @@ num_layers // cross_attention_frequency. `stack_qformer_params` converts unrolle
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -29,8 +28,10 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from blip_jax.convert.mapping import expected_params, map_weights, rename
 from blip_jax.models import layers
 from blip_jax.models.config import TextConfig
+from blip_jax.models.layout import stack_layers
 from blip_jax.models.med import Attention
 from blip_jax.models.stack import REMAT, LayerStack
 
@@ -233,21 +234,13 @@ _MODULES = [
     (r"^encoder/layers_(\d+)/fc2/", r"encoder.layer.\1.output.dense/"),
     (r"^encoder/layers_(\d+)/ln/", r"encoder.layer.\1.output.LayerNorm/"),
 ]
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
-def hf_key(path: str) -> tuple[str, str]:
+def hf_key(path: str, prefix: str = "qformer.") -> tuple[str, str]:
     """Unrolled blip-jax Q-Former path 'encoder/layers_0/self_attn/query/kernel' ->
-    (transformers key without prefix, kind linear | plain)."""
-    module = path
-    for pattern, repl in _MODULES:
-        module = re.sub(pattern, repl, module)
-    head, leaf = module.rsplit("/", 1)
-    return f"{head}.{_LEAVES[leaf]}", ("linear" if leaf == "kernel" else "plain")
-
-
-class QFormerWeightError(ValueError):
-    """The tensors do not fit the Q-Former the config describes."""
+    (transformers key, kind)."""
+    key, kind = rename(path, _MODULES)
+    return prefix + key, kind
 
 
 def param_shapes(config: QFormerConfig, query_length: int = 1, text_length: int = 0,
@@ -263,41 +256,13 @@ def param_shapes(config: QFormerConfig, query_length: int = 1, text_length: int 
 
 
 def load_qformer_params(tensors: Mapping[str, np.ndarray], config: QFormerConfig, prefix: str = "qformer.",
-                        scan_layers: bool = False, dtype=np.float32, strict: bool = True):
+                        scan_layers: bool = False, dtype=np.float32):
     """HF Q-Former tensors (keys like `qformer.encoder.layer.0.attention.attention.query.weight`) ->
-    Flax params (unrolled, or scanned when `scan_layers`). Keys outside `prefix` are ignored.
-
-    Missing keys, shape mismatches and unexpected keys under `prefix` are gathered into one
-    QFormerWeightError (with `strict=False`, unexpected keys are tolerated). Returns the nested
-    params dict (plain arrays, no partitioning boxes)."""
-    from blip_jax.convert.convert import to_flax
-
-    expected = traverse_util.flatten_dict(
-        param_shapes(config, text_length=1 if config.use_qformer_text_input else 0), sep="/")
-    ours = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing, mismatched, consumed, flat = [], [], set(), {}
-    for path, spec in expected.items():
-        key, kind = hf_key(path)
-        if key not in ours:
-            missing.append(prefix + key)
-            continue
-        consumed.add(key)
-        tensor = np.asarray(ours[key])
-        value = to_flax(tensor, kind, tuple(spec.shape))
-        if value is None:
-            mismatched.append(f"{prefix}{key}: checkpoint {tuple(tensor.shape)}, model expects "
-                              f"{tuple(spec.shape)} ({path})")
-            continue
-        flat[path] = np.asarray(value, dtype=dtype)
-    unexpected = [prefix + k for k in ours if k not in consumed]
-    if missing or mismatched or (unexpected and strict):
-        lines = ["Q-Former weights do not match the config:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected if strict else []),
-                             ("shape mismatches", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items)
-        raise QFormerWeightError("\n".join(lines))
+    Flax params (unrolled, or scanned when `scan_layers`). Keys outside `prefix` are ignored;
+    missing, unexpected and misshapen tensors raise one ConversionError."""
+    expected = expected_params(param_shapes(config, text_length=1 if config.use_qformer_text_input else 0))
+    flat, _ = map_weights(tensors, expected, lambda path: hf_key(path, prefix), scope=prefix, dtype=dtype,
+                          what="Q-Former weights do not match the config")
     params = traverse_util.unflatten_dict(flat, sep="/")
     return stack_qformer_params(params, config) if scan_layers else params
 
@@ -305,15 +270,10 @@ def load_qformer_params(tensors: Mapping[str, np.ndarray], config: QFormerConfig
 def stack_qformer_params(params, config: QFormerConfig):
     """Unrolled params (`encoder/layers_{i}`) -> scanned (`encoder/layers/sub_{j}`, leading axis =
     group index, group = cross_attention_frequency consecutive layers)."""
-    import jax
-
     freq = config.cross_attention_frequency
     if config.num_layers % freq:
         raise ValueError("qformer: num_layers must be a multiple of cross_attention_frequency to scan")
     enc = params["encoder"]
-    groups = config.num_layers // freq
-    subs = {}
-    for j in range(freq):
-        trees = [enc[f"layers_{g * freq + j}"] for g in range(groups)]
-        subs[f"sub_{j}"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
-    return {**{k: v for k, v in params.items() if k != "encoder"}, "encoder": {"layers": subs}}
+    groups = {f"layers_{g}": {f"sub_{j}": enc[f"layers_{g * freq + j}"] for j in range(freq)}
+              for g in range(config.num_layers // freq)}
+    return {**{k: v for k, v in params.items() if k != "encoder"}, "encoder": stack_layers(groups)}

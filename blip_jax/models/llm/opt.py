@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Mapping
 
 import jax
@@ -36,7 +37,9 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from blip_jax.convert.mapping import expected_params, map_weights, rename
 from blip_jax.models import layers
+from blip_jax.models.layout import stack_layers
 from blip_jax.models.stack import LayerStack
 
 POSITION_OFFSET = 2
@@ -117,13 +120,7 @@ class OptConfig:
 
 
 def _layer_norm(cfg: OptConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
-    affine = cfg.layer_norm_elementwise_affine
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-        use_scale=affine, use_bias=affine,
-        scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-        bias_init=layers.logical(nn.initializers.zeros, ("embed",)), name=name,
-    )
+    return layers.layer_norm(cfg.layer_norm_eps, dtype, param_dtype, name, affine=cfg.layer_norm_elementwise_affine)
 
 
 class OptAttention(nn.Module):
@@ -141,10 +138,9 @@ class OptAttention(nn.Module):
         k = layers.heads_first(layers.Dense(shape, ("embed", "heads", "kv"), name="k_proj", **kw)(x))
         v = layers.heads_first(layers.Dense(shape, ("embed", "heads", "kv"), name="v_proj", **kw)(x))
         new_cache = None
-        if cache is not None:  # write this step's keys/values, attend over every cached position
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
-            new_cache = {"k": k, "v": v}
+        if cache is not None:
+            new_cache = layers.write_cache(cache, k, v, cache_index)
+            k, v = new_cache["k"], new_cache["v"]
         h = layers.attend(q, k, v, mask, dtype=self.dtype)
         h = nn.Dropout(cfg.attention_dropout)(h, deterministic=self.deterministic)  # HF drops probs
         h = layers.Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_dims=2, name="out_proj", **kw)(h)
@@ -299,43 +295,26 @@ def param_shapes(config: OptConfig, scan_layers: bool = False):
     return nn.unbox(variables["params"])
 
 
-def hf_key(path: tuple[str, ...], prefix: str = "") -> tuple[str, str]:
-    """(transformers key, kind) of an unrolled Flax parameter path; kind is linear/embed/norm/bias."""
-    leaf = path[-1]
-    suffix = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    kind = {"kernel": "linear", "embedding": "embed", "scale": "norm", "bias": "bias"}[leaf]
-    if path[0] == "lm_head":
-        return prefix + "lm_head.weight", kind
-    if path[0] == "decoder":
-        index = path[1].removeprefix("layers_")
-        return f"{prefix}model.decoder.layers.{index}.{'.'.join(path[2:-1])}.{suffix}", kind
-    return f"{prefix}model.decoder.{path[0]}.{suffix}", kind
+_MODULES = [
+    (r"^decoder/layers_(\d+)/", r"model.decoder.layers.\1/"),
+    (r"^(embed_tokens|embed_positions|final_layer_norm|project_in|project_out)/", r"model.decoder.\1/"),
+]
+
+
+def hf_key(path: str, prefix: str = "") -> tuple[str, str]:
+    """(transformers key, kind) of an unrolled Flax parameter path 'decoder/layers_0/fc1/kernel'."""
+    key, kind = rename(path, _MODULES)
+    return prefix + key, kind
 
 
 def load_opt_params(state_dict: Mapping[str, Any], config: OptConfig, *, scan_layers: bool = False,
                     prefix: str = "", dtype=np.float32) -> dict:
     """Flax params of `OPT(config)` from an `OPTForCausalLM` state dict (numpy arrays or CPU torch
-    tensors). `prefix` is prepended to every key (e.g. "language_model." in a BLIP-2 checkpoint).
-    `lm_head.weight` is only read when the embeddings are untied. Raises KeyError/ValueError on a
-    missing or misshapen tensor."""
-    from blip_jax.convert.convert import to_flax
-
-    expected = traverse_util.flatten_dict(param_shapes(config))
-    flat = {}
-    for path, spec in expected.items():
-        key, kind = hf_key(path, prefix)
-        if key not in state_dict:
-            raise KeyError(f"missing {key} (for {'/'.join(path)})")
-        tensor = state_dict[key]
-        if hasattr(tensor, "detach"):
-            tensor = tensor.detach().float().numpy()
-        tensor = np.asarray(tensor, np.float32)
-        value = to_flax(tensor, "linear" if kind == "linear" else "other", tuple(spec.shape))
-        if value is None:
-            raise ValueError(f"{key}: shape {tensor.shape} does not fit {'/'.join(path)} {tuple(spec.shape)}")
-        flat[path] = np.ascontiguousarray(value, dtype=dtype)
-    params = traverse_util.unflatten_dict(flat)
-    if scan_layers:
-        from blip_jax.models.layout import stack_layers
-        params = stack_layers(params)
-    return params
+    tensors). `prefix` is prepended to every key (e.g. "language_model." in a BLIP-2 checkpoint) and
+    scopes the unexpected-key check. Missing, unexpected or misshapen tensors raise one
+    ConversionError; the tied `lm_head.weight` copy is ignored."""
+    tied = re.compile(rf"^{re.escape(prefix)}lm_head\.weight$") if config.tie_word_embeddings else None
+    flat, _ = map_weights(state_dict, expected_params(param_shapes(config)), lambda path: hf_key(path, prefix),
+                          what="OPT weights do not match the config", scope=prefix, ignore=tied, dtype=dtype)
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    return stack_layers(params) if scan_layers else params
