@@ -216,12 +216,9 @@ class BlipModel:
             chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
             image_embeds = _encode_image(self.config, self.params, chunk)
             ids = np.broadcast_to(prompt_ids.astype(np.int32), (rows, len(prompt_ids)))
-            seqs = self._generate(image_embeds, None, ids, config)
+            seqs = generate_text(self.config, self.params, image_embeds, None, ids, config)
             outputs += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
         return outputs
-
-    def _generate(self, encoder_states, encoder_mask, prompt_ids, config) -> np.ndarray:
-        return generate_text(self.config, self.params, encoder_states, encoder_mask, prompt_ids, config)
 
     def _image_embeds(self, pixels: np.ndarray):
         """ViT tokens of every image [n, 1 + patches, D], encoded once, kept on device."""
@@ -246,7 +243,7 @@ class BlipModel:
             longest = int(mask.sum(1).max())
             states_mask = np.broadcast_to(np.arange(ids.shape[1]) < longest, ids.shape).astype(np.int32)
             bos = np.full((rows, 1), self.config.text.bos_token_id, np.int32)
-            seqs = self._generate(question_states, jnp.asarray(states_mask), bos, config)
+            seqs = generate_text(self.config, self.params, question_states, jnp.asarray(states_mask), bos, config)
             answers += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
         return answers
 
