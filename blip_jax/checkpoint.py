@@ -51,8 +51,20 @@ def atomic_directory(dst: str | Path, overwrite: bool = False):
 
 
 def save_params(directory: Path, params) -> None:
+    """Save a parameter tree. Numpy leaves are moved to jax arrays one at a time (the numpy copy
+    dropped as each goes): Orbax would otherwise copy the whole numpy tree twice while writing
+    (converting a 0.85 GB model: peak 2.5 GB with numpy leaves, 1.6 GB this way). `params` is consumed."""
+    _to_jax_in_place(params)
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(Path(directory).absolute() / PARAMS, params)
+
+
+def _to_jax_in_place(tree: dict) -> None:
+    for key in list(tree):
+        if isinstance(tree[key], dict):
+            _to_jax_in_place(tree[key])
+        else:
+            tree[key] = jax.device_put(tree.pop(key))
 
 
 def restore_params(directory: str | Path, target=None):
