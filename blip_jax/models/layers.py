@@ -81,6 +81,17 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = 
     )
 
 
+def rms_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
+    """RMSNorm (T5's LayerNorm, LLaMA's RMSNorm): no mean, no bias, statistics in fp32."""
+    return nn.RMSNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        name=name,
+    )
+
+
 def embed(num: int, features: int, axes: Axes, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Embed:
     return nn.Embed(
         num_embeddings=num,
