@@ -83,7 +83,7 @@ def restore_params(directory: str | Path, target=None):
         return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
 
 
-def write_config(directory: Path, config: BlipConfig) -> None:
+def write_config(directory: Path, config) -> None:
     (Path(directory) / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
@@ -94,6 +94,10 @@ def read_config(directory: str | Path) -> BlipConfig:
     d = json.loads(path.read_text())
     if "architectures" in d and "architecture" not in d:
         raise ValueError(f"{directory} holds a transformers checkpoint; convert it first: blip-jax convert {directory} DST")
+    if d.get("model_type") == "blip2":
+        from blip_jax.models.blip2 import Blip2Config
+
+        return Blip2Config.from_dict(d)
     return BlipConfig.from_dict(d)
 
 
@@ -107,6 +111,13 @@ def load(directory: str | Path, scan_layers: bool | None = None):
     from blip_jax.models.layout import stack_layers, unstack_layers
 
     config = read_config(directory)
+    if not isinstance(config, BlipConfig):
+        from blip_jax.models import blip2
+
+        param_shapes = blip2.param_shapes
+        if scan_layers is not None and scan_layers != config.scan_layers:
+            raise ValueError(f"{directory} stores scan_layers={config.scan_layers}; convert again to change the "
+                             "layout of a BLIP-2 model")
     target = param_shapes(config)
     try:
         params = restore_params(directory, target)

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 CONFIG_NAME = "preprocessor_config.json"
+PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
@@ -132,14 +133,19 @@ class ImageProcessor:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
-        """Read preprocessor_config.json from a checkpoint directory (BLIP defaults if absent)."""
+        """Read preprocessor_config.json from a checkpoint directory, or the `image_processor` of a
+        transformers 5 processor_config.json (BLIP defaults if neither exists)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        if not (path / CONFIG_NAME).is_file():
+        if (path / CONFIG_NAME).is_file():
+            with open(path / CONFIG_NAME, encoding="utf-8") as f:
+                cfg = json.load(f)
+        elif (path / PROCESSOR_CONFIG_NAME).is_file():
+            with open(path / PROCESSOR_CONFIG_NAME, encoding="utf-8") as f:
+                cfg = json.load(f).get("image_processor") or {}
+        else:
             return cls()
-        with open(path / CONFIG_NAME, encoding="utf-8") as f:
-            cfg = json.load(f)
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 

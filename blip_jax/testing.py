@@ -152,3 +152,126 @@ def write_tiny_checkpoint(directory: str | os.PathLike, architecture: str = "cap
     if weights_format == "sharded":
         assert len(list(directory.glob("model-*-of-*.safetensors"))) >= 2, "expected >= 2 safetensors shards"
     return directory
+
+
+# ------------------------------------------------------------------------------------------ BLIP-2
+BLIP2_KINDS = {  # kind -> (transformers class, LLM family)
+    "opt": ("Blip2ForConditionalGeneration", "opt"),
+    "t5": ("Blip2ForConditionalGeneration", "t5"),
+    "retrieval": ("Blip2ForImageTextRetrieval", None),
+    "instruct_t5": ("InstructBlipForConditionalGeneration", "t5"),
+    "instruct_llama": ("InstructBlipForConditionalGeneration", "llama"),
+}
+# Special tokens of each LLM family's tokenizer, in id order, and the template that adds them.
+_LLM_SPECIALS = {
+    "opt": (["<s>", "<pad>", "</s>", "<unk>"], "</s> $A", dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                                              unk_token="<unk>")),
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
+    "llama": (["<unk>", "<s>", "</s>"], "<s> $A", dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")),
+}
+TINY_QUERY_TOKENS = 4
+
+
+def _llm_tokenizer(family: str):
+    """A word-level tokenizer with the family's special tokens and `<image>` (and, for LLaMA, a
+    `<pad>` appended after the vocabulary as Vicuna's is), as a transformers fast tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials, template, named = _LLM_SPECIALS[family]
+    words = [w for w in VOCAB if w not in _SPECIALS and not w.startswith("##")]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    marks = [t for t in template.split() if t != "$A"]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in marks])
+    extra = (["<pad>"] if family == "llama" else []) + ["<image>"]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra])
+    if family == "llama":
+        named = {**named, "pad_token": "<pad>"}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+    hf.padding_side = "right" if family == "t5" else "left"
+    return hf
+
+
+def _tiny_llm_config(family: str, tokenizer, hidden: int, layers: int, heads: int):
+    import transformers
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+           (("pad", tokenizer.pad_token), ("eos", tokenizer.eos_token))}
+    common = dict(vocab_size=len(tokenizer), pad_token_id=ids["pad"], eos_token_id=ids["eos"])
+    if family == "opt":
+        return transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
+                                      num_attention_heads=heads, max_position_embeddings=64, dropout=0.0,
+                                      bos_token_id=tokenizer.bos_token_id, **common).to_dict()
+    if family == "t5":
+        # BLIP-2's Flan-T5: gated FFN with exact GELU; untied head; decoder starts from pad
+        return transformers.T5Config(d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden, num_layers=layers,
+                                     num_heads=heads, relative_attention_num_buckets=8,
+                                     relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+                                     dense_act_fn="gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                                     decoder_start_token_id=ids["pad"], **common).to_dict()
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                    num_attention_heads=heads, num_key_value_heads=heads // 2,
+                                    max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                                    **common).to_dict()
+
+
+def write_tiny_blip2_checkpoint(directory: str | os.PathLike, kind: str = "opt", *, seed: int = 0,
+                                image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
+                                num_layers: int = 2, num_heads: int = 4, perturb: float = 0.1) -> Path:
+    """Write a tiny random transformers BLIP-2 / InstructBLIP model directory (config, safetensors,
+    LLM tokenizer with `<image>`, BERT Q-Former tokenizer for InstructBLIP under qformer_tokenizer/,
+    processor files) laid out like the Salesforce checkpoints; `kind` is a key of BLIP2_KINDS."""
+    if kind not in BLIP2_KINDS:
+        raise ValueError(f"kind must be one of {sorted(BLIP2_KINDS)}, got {kind!r}")
+    import torch
+    import transformers
+
+    cls_name, family = BLIP2_KINDS[kind]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    bert = transformers.BertTokenizer(str(vocab_file), bos_token="[DEC]", model_max_length=64)
+    image_processor = transformers.BlipImageProcessor(size={"height": image_size, "width": image_size},
+                                                      image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                                      image_std=[0.26862954, 0.26130258, 0.27577711])
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size)
+    qformer = dict(vocab_size=len(bert), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                   num_hidden_layers=2 * num_layers, num_attention_heads=num_heads, cross_attention_frequency=2,
+                   max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kwargs = dict(vision_config=vision, num_query_tokens=TINY_QUERY_TOKENS)
+    if family is None:  # retrieval: the Q-Former's BERT tokenizer is the model's tokenizer
+        bert.save_pretrained(directory)
+        image_processor.save_pretrained(directory)
+        config = transformers.Blip2Config(qformer_config={**qformer, "use_qformer_text_input": True},
+                                          image_text_hidden_size=16, **kwargs)
+    else:
+        vocab_file.unlink()
+        tokenizer = _llm_tokenizer(family)
+        image_token = tokenizer.convert_tokens_to_ids("<image>")
+        text = _tiny_llm_config(family, tokenizer, hidden_size, num_layers, num_heads)
+        if cls_name.startswith("Instruct"):
+            processor = transformers.InstructBlipProcessor(image_processor, tokenizer, bert,
+                                                           num_query_tokens=TINY_QUERY_TOKENS)
+            config = transformers.InstructBlipConfig(qformer_config=qformer, text_config=text,
+                                                     image_token_index=image_token, **kwargs)
+        else:
+            processor = transformers.Blip2Processor(image_processor, tokenizer, num_query_tokens=TINY_QUERY_TOKENS)
+            config = transformers.Blip2Config(qformer_config=qformer, text_config=text,
+                                              image_token_index=image_token, **kwargs)
+        processor.save_pretrained(directory)
+        image_processor.save_pretrained(directory)  # the hub checkpoints also have preprocessor_config.json
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # see write_tiny_checkpoint: every tensor must matter
+        for p in model.parameters():
+            p.add_(perturb * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model.save_pretrained(directory)
+    for name in ["config.json", "model.safetensors", "preprocessor_config.json"]:
+        assert (directory / name).is_file(), f"{name} was not written to {directory}"
+    return directory

@@ -10,7 +10,8 @@ import re
 from blip_jax.convert.mapping import rename
 
 # (pattern on the blip-jax path, replacement giving the transformers module path)
-_MODULES = [
+# The ViT: the same names in BLIP, BLIP-2 and InstructBLIP checkpoints.
+VISION = [
     (r"^vision/embed/cls$", "vision_model.embeddings.class_embedding"),
     (r"^vision/embed/pos$", "vision_model.embeddings.position_embedding"),
     (r"^vision/embed/patch/", "vision_model.embeddings.patch_embedding/"),
@@ -20,6 +21,8 @@ _MODULES = [
     (r"^vision/encoder/layers_(\d+)/qkv/", r"vision_model.encoder.layers.\1.self_attn.qkv/"),
     (r"^vision/encoder/layers_(\d+)/proj/", r"vision_model.encoder.layers.\1.self_attn.projection/"),
     (r"^vision/encoder/layers_(\d+)/(fc\d)/", r"vision_model.encoder.layers.\1.mlp.\2/"),
+]
+_MODULES = VISION + [
     # MED text transformers: the decoder's BERT lives under `.bert`, its head under `.cls.predictions`
     (r"^text_decoder/head_dense/", "text_decoder.cls.predictions.transform.dense/"),
     (r"^text_decoder/head_norm/", "text_decoder.cls.predictions.transform.LayerNorm/"),

@@ -33,9 +33,16 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5  # HF BLIP; the original BLIP used 1e-6, BLIP-2 uses 1e-6
     drop_path_rate: float = 0.0
     attention_dropout: float = 0.0
+    activation: str = "gelu"  # gelu (BLIP, EVA) | quick_gelu (CLIP)
+    pre_norm: bool = False  # CLIP's ln_pre on the embeddings
+    final_norm: bool = True  # BLIP's ln_post; BLIP-2's towers end without one (ln_vision follows)
+
+    ACTIVATIONS = ("gelu", "quick_gelu")
 
     def __post_init__(self):
         _check_heads(self.hidden_size, self.num_heads, "vision")
+        if self.activation not in self.ACTIVATIONS:
+            raise ValueError(f"vision: activation {self.activation!r} is not one of {self.ACTIVATIONS}")
         if self.image_size % self.patch_size:
             raise ValueError(f"vision: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 

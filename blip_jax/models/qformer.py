@@ -110,7 +110,7 @@ class QFormerLayer(nn.Module):
         x = self_attn(x, mask, k, v)
 
         queries, text = x[:, :q_len], x[:, q_len:]
-        if self.cross_attention:
+        if self.cross_attention and q_len:
             if encoder_states is None:
                 raise ValueError("qformer: encoder_states must be given for cross-attention layers")
             cross_attn = Attention(acfg, cfg.encoder_hidden_size, name="cross_attn", **kw)
@@ -149,6 +149,9 @@ class QFormer(nn.Module):
 
     `text_embeds` [B,T,D] are the text's word + position embeddings (the caller owns the
     embedding tables); `text_mask` [B,T] its padding mask (queries are always visible).
+    With no queries (Q = 0) it is the unimodal text encoder (ITC's text side). `causal_text` gives
+    stage 1's multimodal-causal mask (ITG): queries attend to queries only, text to all queries and
+    to its own prefix; the query outputs then equal those of a queries-only pass.
     `encoder_mask` [B,S] masks image tokens (all visible by default). aux is {} for now.
     """
 
@@ -160,7 +163,7 @@ class QFormer(nn.Module):
 
     @nn.compact
     def __call__(self, query_embeds, encoder_states, encoder_mask=None, text_embeds=None, text_mask=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, causal_text: bool = False):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, q_len = query_embeds.shape[:2]
@@ -168,9 +171,15 @@ class QFormer(nn.Module):
         mask = None
         if text_embeds is not None:
             x = jnp.concatenate([query_embeds, text_embeds.astype(query_embeds.dtype)], axis=1)
-            if text_mask is not None:
-                full = jnp.concatenate([jnp.ones((batch, q_len), jnp.int32), jnp.asarray(text_mask, jnp.int32)], axis=1)
-                mask = layers.padding_mask(full)
+            if text_mask is None:
+                text_mask = jnp.ones(text_embeds.shape[:2], jnp.int32)
+            full = jnp.concatenate([jnp.ones((batch, q_len), jnp.int32), jnp.asarray(text_mask, jnp.int32)], axis=1)
+            mask = layers.padding_mask(full)
+            if causal_text:  # ITG: queries see queries only; text sees every query and its own prefix
+                total = full.shape[1]
+                pos = jnp.arange(total)
+                sees = (pos[None, :] < q_len) | ((pos[:, None] >= q_len) & (pos[None, :] <= pos[:, None]))
+                mask = mask & sees[None, None]
         x = layers.layer_norm(cfg.layer_norm_eps, name="layernorm", **kw)(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

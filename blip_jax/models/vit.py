@@ -1,7 +1,9 @@
 """The vision transformer of the BLIP family: patch embedding, CLS, learned positions, pre-LN blocks.
 
-BLIP's ViT, BLIP-2's EVA ViT-g and CLIP ViT-L differ only by `VisionConfig` (width, depth, eps);
-EVA's q/v-only biases are a fused qkv bias whose k third is zero.
+BLIP's ViT, BLIP-2's EVA ViT-g and CLIP ViT-L differ only by `VisionConfig`: width, depth, eps,
+the activation (CLIP: quick GELU), CLIP's `ln_pre` and whether the tower ends in a norm (BLIP's
+`ln_post`; BLIP-2 follows its towers with a separate, trainable `ln_vision`). EVA's q/v-only biases
+are a fused qkv bias whose k third is zero.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from flax import linen as nn
 from blip_jax.models import layers
 from blip_jax.models.config import VisionConfig
 from blip_jax.models.stack import LayerStack
+
+ACTIVATIONS = {"gelu": layers.gelu, "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x)}
 
 
 class VisionEmbeddings(nn.Module):
@@ -71,13 +75,14 @@ class VisionBlock(nn.Module):
 
         h = layers.layer_norm(cfg.layer_norm_eps, name="ln2", **kw)(x)
         h = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(h)
-        h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(layers.gelu(h))
+        h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(ACTIVATIONS[cfg.activation](h))
         x = x + layers.drop_path(h, cfg.drop_path_rate, self.deterministic, self)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
 class VisionTransformer(nn.Module):
-    """pixel_values [B, H, W, 3] (NHWC) -> (tokens [B, 1 + patches, D] after the final norm, aux)."""
+    """pixel_values [B, H, W, 3] (NHWC) -> (tokens [B, 1 + patches, D], aux); the tokens are after the
+    final norm when the config has one, aux["pre_norm"] before it."""
 
     config: VisionConfig
     dtype: layers.Dtype = jnp.float32
@@ -90,6 +95,8 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = VisionEmbeddings(cfg, name="embed", **kw)(pixel_values)
+        if cfg.pre_norm:
+            x = layers.layer_norm(cfg.layer_norm_eps, name="ln_pre", **kw)(x)
         x, _ = LayerStack(
             VisionBlock,
             dict(config=cfg, deterministic=deterministic, **kw),
@@ -99,5 +106,6 @@ class VisionTransformer(nn.Module):
             name="encoder",
         )(x)
         pre_norm = x
-        x = layers.layer_norm(cfg.layer_norm_eps, name="ln_post", **kw)(x)
+        if cfg.final_norm:
+            x = layers.layer_norm(cfg.layer_norm_eps, name="ln_post", **kw)(x)
         return x, {"pre_norm": pre_norm}

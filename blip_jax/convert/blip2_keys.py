@@ -1,0 +1,119 @@
+"""BLIP-2 / InstructBLIP checkpoints: transformers config.json -> Blip2Config, and where each
+parameter comes from.
+
+The ViT, Q-Former and heads are mapped here; the language model (`language_model.*`) by its
+family's own loader in `blip_jax.models.llm`. Keys missing from a config.json take transformers'
+class defaults, as transformers itself reads the file.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flax import traverse_util
+
+from blip_jax.convert import blip_keys
+from blip_jax.convert.mapping import expected_params, map_weights, rename
+from blip_jax.models import qformer
+from blip_jax.models.blip2 import Blip2Config, param_shapes
+from blip_jax.models.config import DTYPES, VisionConfig
+from blip_jax.models.layout import stack_layers
+from blip_jax.models.llm import FAMILIES
+from blip_jax.models.qformer import QFormerConfig
+
+# transformers class -> (architecture, instruct)
+ARCHITECTURES = {
+    "Blip2ForConditionalGeneration": ("generation", False),
+    "Blip2ForImageTextRetrieval": ("retrieval", False),
+    "InstructBlipForConditionalGeneration": ("generation", True),
+}
+HF_VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                          image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+                          attention_dropout=0.0, qkv_bias=True)
+HF_QFORMER_DEFAULTS = dict(vocab_size=30522, max_position_embeddings=512, pad_token_id=0)
+# text_config model_type -> blip-jax LLM family
+LLM_TYPES = {"opt": "opt", "t5": "t5", "llama": "llama"}
+
+# Keys that carry nothing: buffers.
+IGNORED = re.compile(r"position_ids$")
+
+
+def blip2_config_from_hf(hf: dict, **overrides) -> Blip2Config:
+    names = hf.get("architectures") or []
+    architecture, instruct = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), (None, None))
+    if architecture is None:
+        raise ValueError(f"unsupported architecture {names or '(none listed)'}; blip-jax converts {', '.join(ARCHITECTURES)}")
+    v = {**HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+    if v["hidden_act"] != "gelu" or not v["qkv_bias"]:
+        raise ValueError(f"vision_config: hidden_act {v['hidden_act']!r} / qkv_bias {v['qkv_bias']} not supported "
+                         "(BLIP-2's EVA ViT uses exact gelu with q/v biases)")
+    vision = VisionConfig(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                          num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+                          image_size=v["image_size"], patch_size=v["patch_size"], layer_norm_eps=v["layer_norm_eps"],
+                          attention_dropout=v["attention_dropout"], final_norm=False)
+    q = {**HF_QFORMER_DEFAULTS, **(hf.get("qformer_config") or {})}
+    # transformers sets the Q-Former's encoder width to the vision width whatever the file says
+    q["encoder_hidden_size"] = vision.hidden_size
+    if instruct:  # InstructBLIP's Q-Former layers always have the text FFN
+        q["use_qformer_text_input"] = True
+    qcfg = QFormerConfig.from_hf(q)
+    family, llm = "", None
+    if architecture == "generation":
+        text = hf.get("text_config") or {"model_type": "opt"}
+        family = LLM_TYPES.get(text.get("model_type"))
+        if family is None or family not in FAMILIES:
+            raise ValueError(f"text_config model_type {text.get('model_type')!r} is not supported; "
+                             f"blip-jax has {sorted(FAMILIES)}")
+        llm = FAMILIES[family].config.from_hf(text)
+    return Blip2Config(architecture=architecture, instruct=instruct, vision=vision, qformer=qcfg, llm_family=family,
+                       llm=llm, num_query_tokens=hf.get("num_query_tokens", 32),
+                       embed_dim=hf.get("image_text_hidden_size", 256), qformer_vocab_size=q["vocab_size"],
+                       qformer_max_positions=q["max_position_embeddings"], qformer_pad_token_id=q["pad_token_id"],
+                       image_token_id=hf.get("image_token_index", hf.get("image_token_id")), **overrides)
+
+
+def hf_key(path: str, config: Blip2Config) -> tuple[str, str]:
+    """Unrolled blip-jax path -> (transformers key, kind), for everything but the language model."""
+    top, _, rest = path.partition("/")
+    if top == "vision":
+        return rename(path, blip_keys.VISION)
+    if top == "ln_vision":
+        return rename(f"vision_model.post_layernorm/{rest}", [])
+    text_embeddings = "qformer.embeddings." if config.instruct else "embeddings."
+    if top == "qformer":
+        if config.instruct and rest.startswith("layernorm/"):
+            return rename(f"qformer.embeddings.{rest}", [])
+        return qformer.hf_key(rest, "qformer.")
+    if top == "qformer_word":
+        return rename(f"{text_embeddings}word_embeddings/{rest}", [])
+    if top == "qformer_position":
+        return rename(f"{text_embeddings}position_embeddings/{rest}", [])
+    return rename(path, [])  # query_tokens, language_projection, vision_projection, text_projection, itm_head
+
+
+def load_params(tensors, config: Blip2Config, *, progress: bool = False, what: str = "") -> tuple[dict, list[str]]:
+    """(params, ignored keys) of `Blip2(config)` from transformers tensors (any mapping read one
+    tensor at a time). Missing, unexpected or misshapen tensors raise ConversionError."""
+    shapes = param_shapes(config.replace(scan_layers=False))  # each leaf in its storage dtype
+    shapes.pop("language_model", None)
+    flat, ignored = map_weights(tensors, expected_params(shapes), lambda p: hf_key(p, config),
+                                what=what or "BLIP-2 weights do not match the config",
+                                ignore=re.compile(rf"{IGNORED.pattern}|^language_model\."), progress=progress)
+    ignored = [k for k in ignored if not k.startswith("language_model.")]
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    del flat
+    if config.architecture == "generation":
+        params["language_model"] = config.family.load_params(
+            tensors, config.llm, prefix="language_model.", dtype=np.dtype(DTYPES[config.frozen_param_dtype]))
+    if config.scan_layers:
+        params = stack_params(params, config)
+    return params, ignored
+
+
+def stack_params(params: dict, config: Blip2Config) -> dict:
+    """Unrolled -> scanned layout: the ViT and LLM stacks by layer, the Q-Former by cross-attention group."""
+    out = {k: v for k, v in params.items() if k != "qformer"}
+    out = stack_layers(out)
+    out["qformer"] = qformer.stack_qformer_params(params["qformer"], config.qformer)
+    return out
