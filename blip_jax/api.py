@@ -300,5 +300,10 @@ def _pair_up(n_images: int, texts: list) -> tuple[np.ndarray, list]:
 
 
 def load(path: str | Path, **kwargs: Any) -> BlipModel:
-    """Load a blip-jax model directory (made by `blip-jax convert`)."""
+    """Load a blip-jax model directory (made by `blip-jax convert`): a BLIP model, or a BLIP-2 /
+    InstructBLIP one (`blip_jax.blip2_api.Blip2Model`, the same interface plus generate and rank)."""
+    if not isinstance(checkpoint.read_config(path), BlipConfig):
+        from blip_jax.blip2_api import Blip2Model
+
+        return Blip2Model.from_dir(path, **kwargs)
     return BlipModel.from_dir(path, **kwargs)

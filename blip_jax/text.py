@@ -176,6 +176,36 @@ class BlipTokenizer:
                                               bert_opts.get("tokenize_chinese_chars", True))
         return cls(tok, special, extras, **kwargs)
 
+    @classmethod
+    def from_llm_dir(cls, path: str | os.PathLike) -> "BlipTokenizer":
+        """A BLIP-2 language model's tokenizer (OPT, T5, LLaMA): tokenizer.json with the special tokens
+        tokenizer_config.json names, and no BERT defaults. Checkpoints whose tokenizer_config asks for
+        `add_bos_token` / `add_eos_token` while their tokenizer.json post-processor does not add them
+        (OPT's GPT-2 tokenizer) get a post-processor that does, as transformers builds one on load."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: BLIP-2 needs its LLM's fast tokenizer")
+        cfg = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (path / name).is_file():
+                cfg.update(_read_json(path / name))
+        special = {k: _token_str(cfg[k]) for k in _NAMED_SPECIALS if cfg.get(k)}
+        if not special.get("pad_token"):  # LLaMA has none; padded positions are masked anyway
+            special["pad_token"] = special.get("unk_token") or special.get("eos_token")
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        bos, eos = special.get("bos_token"), special.get("eos_token")
+        probe = tok.encode("a", add_special_tokens=True).ids
+        want_bos = cfg.get("add_bos_token") and bos and probe[:1] != [tok.token_to_id(bos)]
+        want_eos = cfg.get("add_eos_token") and eos and probe[-1:] != [tok.token_to_id(eos)]
+        if want_bos or want_eos:
+            marks = ([bos] if cfg.get("add_bos_token") and bos else []) + ["$A"] + (
+                [eos] if cfg.get("add_eos_token") and eos else [])
+            tok.post_processor = processors.TemplateProcessing(
+                single=" ".join(marks), special_tokens=[(t, tok.token_to_id(t)) for t in marks if t != "$A"])
+        return cls(tok, special, [], model_max_length=cfg.get("model_max_length") or VERY_LARGE_INTEGER,
+                   padding_side=cfg.get("padding_side", "right"), truncation_side=cfg.get("truncation_side", "right"),
+                   clean_up_tokenization_spaces=cfg.get("clean_up_tokenization_spaces", False), config=cfg)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json (+ tokenizer_config.json), loadable by from_dir and by transformers."""
         path = Path(path)

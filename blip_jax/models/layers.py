@@ -113,9 +113,10 @@ def heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32):
-    """Scaled dot-product attention. q [B, T, H, D]; k, v [Bk, H, S, D] head-major; mask
-    broadcastable to [Bk, H, T', S]. Returns [B, T, H, D].
+def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32, *, bias=None, scale: float | None = None):
+    """Scaled dot-product attention. q [B, T, H, D]; k, v [Bk, H, S, D] head-major; mask and the
+    additive `bias` (T5's relative positions) broadcastable to [B or Bk, H, T, S]; `scale`
+    multiplies the scores (default 1/sqrt(D); T5 uses 1). Returns [B, T, H, D].
 
     Head-major operands give XLA batch-major dot products (about 4x faster attention on CPU than
     einsums with the head axis in the middle). When Bk divides B, each group of B // Bk
@@ -128,20 +129,27 @@ def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32):
     group = batch // k.shape[0]
     q = heads_first(q.reshape(k.shape[0], group * length, heads, head_dim))
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)
+    scores = scores / math.sqrt(head_dim) if scale is None else scores * scale
+    if bias is not None:
+        scores = scores + _group_queries(bias, batch, k.shape[0], length).astype(jnp.float32)
     if mask is not None:
-        if group > 1:  # per-row masks of grouped queries: [B, 1|H, T, S] -> [Bk, 1|H, G*T, S]
-            mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], length, mask.shape[3]))
-            if mask.shape[0] == batch:
-                m_heads = mask.shape[1]
-                mask = mask.reshape(k.shape[0], group, m_heads, length, mask.shape[3])
-                mask = jnp.swapaxes(mask, 1, 2).reshape(k.shape[0], m_heads, group * length, -1)
-            else:
-                mask = jnp.tile(mask, (1, 1, group, 1))
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(_group_queries(mask, batch, k.shape[0], length), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bhts,bhsd->bhtd", probs, v.astype(dtype))
     return heads_first(out).reshape(batch, length, heads, head_dim)
+
+
+def _group_queries(x, batch: int, key_batch: int, length: int):
+    """A mask or bias [B | Bk | 1, 1 | H, T | 1, S] laid out like the grouped queries: per-row ones
+    [B, h, T, S] -> [Bk, h, G*T, S], shared ones tiled over the group (G = B // Bk)."""
+    group = batch // key_batch
+    if group == 1:
+        return x
+    x = jnp.broadcast_to(x, (x.shape[0], x.shape[1], length, x.shape[3]))
+    if x.shape[0] == batch:
+        rows = x.reshape(key_batch, group, x.shape[1], length, x.shape[3])
+        return jnp.swapaxes(rows, 1, 2).reshape(key_batch, x.shape[1], group * length, -1)
+    return jnp.tile(x, (1, 1, group, 1))
 
 
 def write_cache(cache, keys, values, cache_index):

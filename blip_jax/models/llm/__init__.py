@@ -4,7 +4,8 @@ BLIP-2 model, the converter and the API treat them alike.
 Each family module provides a frozen config dataclass with `from_hf(dict)`, a Flax module taking
 `inputs_embeds` (the soft prompt, placed before the text), `init_cache`, `decode_step(config)` (a
 `blip_jax.generation` step function), `hf_key` and a loader `load_*_params(tensors, config, *,
-scan_layers, prefix, dtype)`.
+scan_layers, prefix, dtype)`. Encoder-decoder families add `cross_cache` (the encoder's
+cross-attention keys/values, computed once per example and shared by its beams).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from blip_jax.models.llm import opt
-from blip_jax.models.llm.opt import OPT, OptConfig, decode_step, init_cache, load_opt_params
+from blip_jax.models.llm import llama, opt, t5
+from blip_jax.models.llm.llama import Llama, LlamaConfig, load_llama_params
+from blip_jax.models.llm.opt import OPT, OptConfig, load_opt_params
+from blip_jax.models.llm.t5 import T5, T5Config, load_t5_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,12 +25,22 @@ class Family:
     config: type
     module: type
     load_params: Callable[..., Any]
-    encoder_decoder: bool
+    init_cache: Callable[..., Any]
+    decode_step: Callable[..., Any]
     embed_dim: Callable[[Any], int]  # width of the word embeddings the soft prompt must match
+    cross_cache: Callable[..., Any] | None = None  # encoder-decoder families only
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.cross_cache is not None
 
 
 FAMILIES = {
-    "opt": Family("opt", OptConfig, OPT, load_opt_params, False, lambda c: c.embed_dim),
+    "opt": Family("opt", OptConfig, OPT, load_opt_params, opt.init_cache, opt.decode_step, lambda c: c.embed_dim),
+    "t5": Family("t5", T5Config, T5, load_t5_params, t5.init_cache, t5.decode_step, lambda c: c.d_model,
+                 cross_cache=t5.cross_cache),
+    "llama": Family("llama", LlamaConfig, Llama, load_llama_params, llama.init_cache, llama.decode_step,
+                    lambda c: c.hidden_size),
 }
 
-__all__ = ["FAMILIES", "Family", "OPT", "OptConfig", "decode_step", "init_cache", "load_opt_params", "opt"]
+__all__ = ["FAMILIES", "Family", "Llama", "LlamaConfig", "OPT", "OptConfig", "T5", "T5Config"]

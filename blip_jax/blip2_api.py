@@ -1,0 +1,357 @@
+"""The BLIP-2 / InstructBLIP side of `blip_jax.load`: the same model object as BLIP's, with
+caption, generate, vqa and rank for the LLM models and itm / itc for the retrieval model.
+
+Users pass plain text: the soft prompt (the projected Q-Former outputs) takes the place of the
+`<image>` tokens a transformers v5 processor would insert, and is placed before the text
+embeddings. Decoder LLMs (OPT, LLaMA) get left-padded prompts and a cache pre-filled with the soft
+prompt; Flan-T5 encodes [soft prompt; right-padded prompt] once and decodes from its start token.
+Each (config, shape) compiles once; prompts are padded to multiples of 8 tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip_jax import checkpoint, generation
+from blip_jax.api import TEXT_PAD_MULTIPLE, BlipModel, UnsupportedTaskError, _as_list, _pad_rows, _pair_up
+from blip_jax.images import ImageProcessor
+from blip_jax.models.blip2 import Blip2, Blip2Config
+from blip_jax.models.config import DTYPES
+from blip_jax.text import BlipTokenizer
+
+QFORMER_TOKENIZER = "qformer_tokenizer"
+
+# Prompts and decoding settings of the papers / LAVIS evaluation configs, by model kind
+# (see `_kind`); every option can be overridden per call.
+CAPTION_PROMPTS = {"blip2": "a photo of", "instruct": "A short image description:"}
+VQA_TEMPLATES = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:",
+                 "instruct": "Question: {} Short answer:"}
+CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
+VQA_DEFAULTS = {"opt": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0),
+                "t5": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
+                "instruct": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)}
+INSTRUCT_DEFAULTS = dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5)
+QFORMER_MAX_INSTRUCTION = 128  # InstructBLIP's Q-Former instruction length
+
+TASKS = {"generation": ("caption", "generate", "vqa", "rank"), "retrieval": ("itm", "itc")}
+
+
+# ------------------------------------------------------------------------- compiled pieces
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(config: Blip2Config, params, pixels):
+    return Blip2(config).apply({"params": params}, pixels, method=Blip2.encode_image)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _language_prefix(config: Blip2Config, params, image_embeds, instruction_ids, instruction_mask):
+    return Blip2(config).apply({"params": params}, image_embeds, instruction_ids, instruction_mask,
+                               method=Blip2.language_prefix)
+
+
+def _llm(config: Blip2Config):
+    return config.family.module(config.llm, dtype=DTYPES[config.dtype], scan_layers=config.scan_layers)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _prefill(config: Blip2Config, llm_params, prefix, max_len: int):
+    """A decoder LLM's cache with the soft prompt written at positions 0..Q-1 (room for `max_len` more)."""
+    batch, q = prefix.shape[:2]
+    cache = config.family.init_cache(config.llm, batch, q + max_len, DTYPES[config.dtype],
+                                     scan_layers=config.scan_layers)
+    mask = jnp.concatenate([jnp.ones((batch, q), jnp.int32), jnp.zeros((batch, max_len), jnp.int32)], 1)
+    _, aux = _llm(config).apply({"params": llm_params}, None, mask, inputs_embeds=prefix, cache=cache,
+                                cache_index=jnp.int32(0))
+    return aux["cache"]
+
+
+@functools.lru_cache(maxsize=None)
+def prefixed_step(config: Blip2Config, prefix_length: int):
+    """The LLM's generation step shifted past a soft prompt of `prefix_length` cached positions."""
+    step = config.family.decode_step(config.llm, scan_layers=config.scan_layers, dtype=DTYPES[config.dtype])
+
+    def shifted(params, cache, token_ids, attention_mask, cache_index):
+        mask = jnp.concatenate([jnp.ones((attention_mask.shape[0], prefix_length), attention_mask.dtype),
+                                attention_mask], 1)
+        return step(params, cache, token_ids, mask, cache_index + prefix_length)
+
+    return shifted
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_t5(config: Blip2Config, llm_params, prefix, ids, mask):
+    full = jnp.concatenate([jnp.ones(prefix.shape[:2], jnp.int32), mask], 1)
+    model = _llm(config)
+    states = model.apply({"params": llm_params}, ids, full, inputs_embeds=prefix, method=type(model).encode)
+    return states, full
+
+
+def generate_tokens(config: Blip2Config, params, prefix, prompt_ids, prompt_mask,
+                    generation_config: generation.GenerationConfig) -> np.ndarray:
+    """New token ids [B * num_return_sequences, max_new_tokens] continuing [soft prompt; prompt]
+    (decoder LLMs, prompts left-padded) or decoded from [soft prompt; prompt] (T5, right-padded)."""
+    llm_params = params["language_model"]
+    new = generation_config.max_new_tokens
+    if config.family.encoder_decoder:
+        states, mask = _encode_t5(config, llm_params, prefix, prompt_ids, prompt_mask)
+        shared = config.family.cross_cache(config.llm, llm_params, states, mask, scan_layers=config.scan_layers,
+                                           dtype=DTYPES[config.dtype])
+        batch = prefix.shape[0]
+        start = jnp.full((batch, 1), config.llm.decoder_start_token_id, jnp.int32)
+        cache = config.family.init_cache(config.llm, batch, 1 + new, DTYPES[config.dtype],
+                                         scan_layers=config.scan_layers)
+        step = config.family.decode_step(config.llm, scan_layers=config.scan_layers, dtype=DTYPES[config.dtype])
+        out = generation.generate(step, cache, start, jnp.ones_like(start), generation_config,
+                                  params=(llm_params, shared))
+        return np.asarray(out.sequences)[:, 1:]
+    cache = _prefill(config, llm_params, prefix, prompt_ids.shape[1] + new)
+    out = generation.generate(prefixed_step(config, prefix.shape[1]), cache, prompt_ids, prompt_mask,
+                              generation_config, params=llm_params)
+    return np.asarray(out.sequences)[:, prompt_ids.shape[1]:]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _candidate_logprobs(config: Blip2Config, params, prefix, ids, mask, targets, target_mask):
+    """Summed log-probabilities of `targets` where `target_mask` is 1. Decoder LLMs: `ids` = prompt +
+    candidate tokens, targets aligned with `ids` (a target at t is predicted at t - 1); T5: `ids` is
+    the encoder prompt and targets the decoder's (teacher-forced after the start token)."""
+    model = Blip2(config)
+    if config.family.encoder_decoder:
+        start = jnp.full((targets.shape[0], 1), config.llm.decoder_start_token_id, targets.dtype)
+        decoder_ids = jnp.concatenate([start, targets[:, :-1]], 1)
+        # causal decoding: padding after a candidate cannot change the scores of its tokens
+        predicted = model.apply({"params": params}, prefix, ids, mask, decoder_ids,
+                                method=Blip2.language_model_logits)
+    else:
+        logits = model.apply({"params": params}, prefix, ids, mask, method=Blip2.language_model_logits)
+        predicted = logits[:, prefix.shape[1] - 1: -1]  # text token t is predicted at position Q - 1 + t
+    logp = jax.nn.log_softmax(predicted, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(picked * target_mask, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _itm_probs(config: Blip2Config, params, image_embeds, ids, mask):
+    logits = Blip2(config).apply({"params": params}, image_embeds, ids, mask, method=Blip2.itm_logits)
+    return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _image_features(config: Blip2Config, params, image_embeds):
+    return Blip2(config).apply({"params": params}, image_embeds, method=Blip2.image_features)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_features(config: Blip2Config, params, ids, mask):
+    return Blip2(config).apply({"params": params}, ids, mask, method=Blip2.text_features)
+
+
+# ------------------------------------------------------------------------- the model object
+def _pad_width(ids: np.ndarray, mask: np.ndarray, pad_id: int, side: str):
+    """Pad token arrays to a multiple of TEXT_PAD_MULTIPLE columns on `side` (fewer compiled shapes)."""
+    width = -(-ids.shape[1] // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
+    spec = ((0, 0), (width - ids.shape[1], 0)) if side == "left" else ((0, 0), (0, width - ids.shape[1]))
+    return (np.pad(ids, spec, constant_values=pad_id).astype(np.int32), np.pad(mask, spec).astype(np.int32))
+
+
+class Blip2Model(BlipModel):
+    """A loaded BLIP-2 / InstructBLIP model (see the module docstring)."""
+
+    def __init__(self, config: Blip2Config, params, tokenizer: BlipTokenizer | None = None,
+                 image_processor: ImageProcessor | None = None, qformer_tokenizer: BlipTokenizer | None = None,
+                 **kwargs):
+        super().__init__(config, params, tokenizer, image_processor, **kwargs)
+        self.qformer_tokenizer = qformer_tokenizer
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kwargs) -> "Blip2Model":
+        config, params = checkpoint.load(path)
+        path = Path(path)
+        tokenizer = qformer_tokenizer = None
+        if config.architecture == "retrieval":
+            tokenizer = BlipTokenizer.from_dir(path)
+        elif (path / "tokenizer.json").exists():
+            tokenizer = BlipTokenizer.from_llm_dir(path)
+        if config.instruct:
+            qformer_tokenizer = BlipTokenizer.from_dir(path / QFORMER_TOKENIZER)
+        return cls(config, params, tokenizer, ImageProcessor.from_dir(path), qformer_tokenizer, path=path, **kwargs)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS[self.architecture]
+
+    def _require(self, task: str):
+        if task not in self.tasks:
+            raise UnsupportedTaskError(f"{task} needs a BLIP-2 {'retrieval' if task in ('itm', 'itc') else 'LLM'} "
+                                       f"model, but {self.path or 'this model'} serves: {', '.join(self.tasks)}")
+        if self.tokenizer is None:
+            raise FileNotFoundError(f"{self.path}: no tokenizer.json to encode text")
+
+    @property
+    def _kind(self) -> str:
+        return "instruct" if self.config.instruct else self.config.llm_family
+
+    # ------------------------------------------------------------------ LLM inputs
+    def _llm_tokens(self, texts: Sequence[str]):
+        """Prompt tokens: left-padded for decoder LLMs (generation continues at the right edge),
+        right-padded for T5's encoder."""
+        side = "right" if self.config.family.encoder_decoder else "left"
+        enc = self.tokenizer(list(texts), padding="longest", truncation=False, padding_side=side)
+        return _pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, side)
+
+    def _prefixes(self, pixels: np.ndarray, image_index: np.ndarray, instructions: list[str]):
+        """Soft prompts [N, Q, D_llm] for each (image, instruction) pair; images encoded once."""
+        image_embeds = jnp.concatenate([_encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))
+                                        [: b - a] for a, b, r in self._chunks(len(pixels))])
+        prefixes = []
+        for a, b, r in self._chunks(len(image_index)):
+            embeds = image_embeds[_pad_rows(image_index[a:b], r)]
+            q_ids = q_mask = None
+            if self.config.instruct:
+                enc = self.qformer_tokenizer(instructions[a:b], padding="longest", truncation=True,
+                                             max_length=QFORMER_MAX_INSTRUCTION)
+                q_ids, q_mask = _pad_width(enc["input_ids"], enc["attention_mask"],
+                                           self.qformer_tokenizer.pad_token_id, "right")
+                q_ids, q_mask = _pad_rows(q_ids, r), _pad_rows(q_mask, r)
+            prefixes.append(_language_prefix(self.config, self.params, embeds, q_ids, q_mask)[: b - a])
+        return jnp.concatenate(prefixes)
+
+    def _generation_config(self, defaults: dict, options: dict) -> generation.GenerationConfig:
+        llm = self.config.llm
+        return generation.GenerationConfig.from_kwargs(
+            **{**defaults, "eos_token_id": llm.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id, **options})
+
+    # ------------------------------------------------------------------ tasks
+    def generate(self, images, prompts: str | Sequence[str] = "", **generation_options) -> list[str]:
+        """Text generated for each (image, prompt) pair (one image or one prompt is broadcast); the
+        prompt is not repeated in the output. InstructBLIP prompts are instructions and also feed the
+        Q-Former. Defaults: beam 5, <= 256 new tokens, repetition penalty 1.5 for InstructBLIP; beam 5,
+        <= 30 new tokens otherwise; any `GenerationConfig` option overrides them. With
+        `num_return_sequences=k` the k texts of each pair are consecutive."""
+        defaults = INSTRUCT_DEFAULTS if self.config.instruct else CAPTION_DEFAULTS
+        return self._generate(images, _as_list(prompts), defaults, generation_options)
+
+    def _generate(self, images, prompts: list[str], defaults: dict, options: dict) -> list[str]:
+        self._require("generate")
+        pixels = self.preprocess(images)
+        image_index, prompts = _pair_up(len(pixels), prompts)
+        prefixes = self._prefixes(pixels, image_index, prompts)
+        config = self._generation_config(defaults, options)
+        outputs = []
+        for start, stop, rows in self._chunks(len(prompts)):
+            ids, mask = self._llm_tokens(prompts[start:stop])
+            tokens = generate_tokens(self.config, self.params, _pad_rows(np.asarray(prefixes[start:stop]), rows),
+                                     _pad_rows(ids, rows), _pad_rows(mask, rows), config)
+            outputs += self._decode_texts(tokens[: (stop - start) * config.num_return_sequences])
+        return outputs
+
+    def caption(self, images, prompt: str | None = None, **generation_options) -> list[str]:
+        """Captions: beam 5, 8 to 30 new tokens, after the prompt "a photo of" (InstructBLIP: the
+        instruction "A short image description:"), as the papers evaluate; the prompt is not returned."""
+        if prompt is None:
+            prompt = CAPTION_PROMPTS["instruct" if self.config.instruct else "blip2"]
+        return self._generate(images, [prompt], CAPTION_DEFAULTS, generation_options)
+
+    def vqa(self, images, questions, **generation_options) -> list[str]:
+        """Short answers with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
+        answer:" for Flan-T5 and InstructBLIP) and zero-shot settings (beam 5, <= 10 new tokens)."""
+        template = VQA_TEMPLATES[self._kind]
+        prompts = [template.format(q) for q in _as_list(questions)]
+        return self._generate(images, prompts, VQA_DEFAULTS[self._kind], generation_options)
+
+    def rank(self, images, prompts, candidates: Sequence[str]) -> np.ndarray:
+        """Log-likelihood [N, len(candidates)] of each candidate answer after each (image, prompt)
+        pair: the summed log-probabilities of the candidate's tokens (for T5 including its `</s>`), what
+        multiple-choice evaluation ranks by. One image or one prompt is broadcast."""
+        self._require("rank")
+        pixels = self.preprocess(images)
+        image_index, prompts = _pair_up(len(pixels), _as_list(prompts))
+        prefixes = self._prefixes(pixels, image_index, prompts)
+        candidates = list(candidates)
+        t5 = self.config.family.encoder_decoder
+        cand = self.tokenizer(candidates, padding="longest", add_special_tokens=t5, padding_side="right")
+        scores = np.zeros((len(prompts), len(candidates)), np.float32)
+        for start, stop, rows in self._chunks(len(prompts)):
+            prefix = _pad_rows(np.asarray(prefixes[start:stop]), rows)
+            if t5:
+                ids, mask = self._llm_tokens(prompts[start:stop])
+                ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
+            for j in range(len(candidates)):
+                if t5:
+                    targets, tmask = _pad_width(cand["input_ids"][j:j + 1], cand["attention_mask"][j:j + 1],
+                                                self.tokenizer.pad_token_id, "right")
+                    targets, tmask = np.repeat(targets, rows, 0), np.repeat(tmask, rows, 0)
+                    s = _candidate_logprobs(self.config, self.params, prefix, ids, mask, targets, tmask)
+                else:
+                    s = _candidate_logprobs(self.config, self.params, prefix,
+                                            *self._joined(prompts[start:stop], cand, j, rows))
+                scores[start:stop, j] = np.asarray(s)[: stop - start]
+        return scores
+
+    def _joined(self, prompts: list[str], cand: dict, j: int, rows: int):
+        """Decoder LLMs: rows of prompt + candidate j tokens, right-padded, with the candidate's
+        positions as targets (aligned so that position t's target is the token at t + 1)."""
+        enc = self.tokenizer(prompts, padding="do_not_pad" if len(prompts) == 1 else "longest", truncation=False)
+        c = cand["input_ids"][j][cand["attention_mask"][j] == 1]
+        seqs = [list(p[m == 1]) + list(c) for p, m in zip(enc["input_ids"], enc["attention_mask"])]
+        width = -(-max(map(len, seqs)) // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
+        ids = np.full((rows, width), self.tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        targets = np.zeros((rows, width), np.int32)
+        tmask = np.zeros((rows, width), np.float32)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = s, 1
+            n = len(s) - len(c)
+            # logits at Q-1 + t predict token t: target row t holds token t for the candidate span
+            targets[i, n: len(s)], tmask[i, n: len(s)] = c, 1.0
+        return ids, mask, targets, tmask
+
+    def itm(self, images, texts) -> np.ndarray:
+        """Match probability of each (image, text) pair [N] (queries + text, mean over queries)."""
+        self._require("itm")
+        pixels = self.preprocess(images)
+        image_index, texts = _pair_up(len(pixels), _as_list(texts))
+        image_embeds = jnp.concatenate([_encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))
+                                        [: b - a] for a, b, r in self._chunks(len(pixels))])
+        probs = []
+        for start, stop, rows in self._chunks(len(texts)):
+            ids, mask = self._tokenize(texts[start:stop])
+            embeds = image_embeds[_pad_rows(image_index[start:stop], rows)]
+            probs.append(np.asarray(_itm_probs(self.config, self.params, embeds, _pad_rows(ids, rows),
+                                               _pad_rows(mask, rows)))[: stop - start])
+        return np.concatenate(probs)
+
+    def image_features(self, images) -> np.ndarray:
+        """Unit-norm ITC features of every query output [n_images, Q, embed_dim]."""
+        self._require("itc")
+        pixels = self.preprocess(images)
+        feats = []
+        for a, b, r in self._chunks(len(pixels)):
+            embeds = _encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))
+            feats.append(np.asarray(_image_features(self.config, self.params, embeds))[: b - a])
+        return np.concatenate(feats)
+
+    def text_features(self, texts) -> np.ndarray:
+        """Unit-norm ITC text features [n_texts, embed_dim]."""
+        self._require("itc")
+        texts = _as_list(texts)
+        feats = []
+        for a, b, r in self._chunks(len(texts)):
+            ids, mask = self._tokenize(texts[a:b])
+            feats.append(np.asarray(_text_features(self.config, self.params, _pad_rows(ids, r),
+                                                   _pad_rows(mask, r)))[: b - a])
+        return np.concatenate(feats)
+
+    def itc(self, images, texts) -> np.ndarray:
+        """[n_images, n_texts] similarity: the best-matching query's cosine similarity (BLIP-2's ITC)."""
+        return np.einsum("iqd,td->iqt", self.image_features(images), self.text_features(texts)).max(axis=1)
+
+    def _tokenize(self, texts):
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.config.qformer_max_positions)
+        return _pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, "right")
