@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, caption, itm, vqa, demo.
+"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo.
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -76,7 +76,7 @@ def cmd_convert(args) -> int:
     from blip_jax.convert import convert
 
     report = convert(args.src, args.dst, scan_layers=args.scan_layers, param_dtype=args.param_dtype,
-                     overwrite=args.overwrite)
+                     frozen_dtype=args.frozen_dtype, overwrite=args.overwrite)
     if args.verify:
         from blip_jax.convert.verify import compare
 
@@ -100,6 +100,16 @@ def cmd_caption(args) -> int:
         captions = model.caption(images, prompt=args.prompt, **_generation_options(args))
         per = len(captions) // len(paths)
         return [{"image": p, "caption": captions[i * per] if per == 1 else captions[i * per:(i + 1) * per]}
+                for i, p in enumerate(paths)]
+
+    return _run_on_images(args, task)
+
+
+def cmd_generate(args) -> int:
+    def task(model, paths, images):
+        texts = model.generate(images, args.prompt, **_generation_options(args))
+        per = len(texts) // len(paths)
+        return [{"image": p, "prompt": args.prompt, "text": texts[i * per: (i + 1) * per] if per > 1 else texts[i]}
                 for i, p in enumerate(paths)]
 
     return _run_on_images(args, task)
@@ -140,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a transformers BLIP model directory")
+    p = sub.add_parser("convert", help="convert a transformers BLIP / BLIP-2 / InstructBLIP model directory")
     p.add_argument("src", help="transformers model directory (config.json + safetensors or pytorch_model.bin)")
     p.add_argument("dst", help="blip-jax model directory to create")
     p.add_argument("--scan-layers", action="store_true", help="store layer stacks stacked, for nn.scan")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--frozen-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="BLIP-2 / InstructBLIP: store the frozen ViT and LLM in this dtype (default: --param-dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--verify", action="store_true",
                    help="run the transformers model beside the converted one and print max abs differences")
@@ -162,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = model_command("caption", "caption images", cmd_caption)
     p.add_argument("--prompt", default=None, help='text the caption starts with, e.g. "a picture of"')
+    _add_generation_flags(p)
+    p = model_command("generate", "BLIP-2 / InstructBLIP: text for each image from a prompt or instruction",
+                      cmd_generate)
+    p.add_argument("--prompt", default="", help="the prompt (BLIP-2) or instruction (InstructBLIP)")
     _add_generation_flags(p)
     p = model_command("itm", "image-text matching probability and ITC similarity", cmd_itm)
     p.add_argument("--text", action="append", required=True, help="a text to match (repeatable)")

@@ -17,3 +17,13 @@ def test_caption_benchmark_smoke(tmp_path):
     assert results["greedy"]["all_identical"] and results["beam3"]["all_identical"]
     assert results["train"]["loss_abs_diff"] < 1e-4
     assert all(r["ratio"] > 0 for r in results.values())
+
+
+def test_blip2_opt_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_blip2_opt.py"), "--small", "--iters", "1",
+                    "--warmup", "1", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"greedy", "beam5"}
+    assert results["greedy"]["all_identical"] and results["beam5"]["all_identical"]
+    assert all(r["ratio"] > 0 for r in results.values())

@@ -172,7 +172,7 @@ def test_rank_matches_transformers(tiny, kind):
     for j, cand in enumerate(candidates):
         if _is_t5(model):
             inputs = _hf_inputs(src, images, [prompt] * 2)
-            target = torch.as_tensor(tok([cand])["input_ids"]).repeat(2, 1)
+            target = torch.as_tensor(tok([cand])["input_ids"], dtype=torch.long).repeat(2, 1)
             with torch.no_grad():
                 logits = hf(**inputs, labels=target).logits
             logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
@@ -238,3 +238,14 @@ def test_frozen_bf16_and_errors(tiny, tmp_path):
         convert(broken, tmp_path / "out", progress=False)
     assert "qformer.layernorm.weight" in str(err.value) and "language_projection.bias" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5", "retrieval", "instruct_t5", "instruct_llama"])
+def test_verify_every_class(tiny, kind):
+    """`blip-jax convert --verify` on every transformers class: each output within 1e-4."""
+    from blip_jax.convert.verify import compare
+
+    src, model, _ = tiny(kind)
+    diffs = compare(src, model.path)
+    print(kind, diffs)
+    assert len(diffs) >= 2 and max(diffs.values()) < 1e-4, diffs

@@ -4,9 +4,9 @@ from blip_jax.convert.mapping import ConversionError
 
 
 def convert(*args, **kwargs):
-    """See `blip_jax.convert.convert.convert` (imported on use: the models import this package's
+    """See `blip_jax.convert.converter.convert` (imported on use: the models import this package's
     weight-mapping helpers, and the converter imports the models)."""
-    from blip_jax.convert.convert import convert as _convert
+    from blip_jax.convert.converter import convert as _convert
 
     return _convert(*args, **kwargs)
 

@@ -39,20 +39,49 @@ def rename(path: str, rules: list[tuple[str, str]]) -> tuple[str, str]:
     return f"{head}.{LEAVES[leaf]}", kind
 
 
+def _fits(source_shape: tuple[int, ...], kind: str, shape: tuple[int, ...]) -> bool:
+    """Whether a PyTorch tensor of `source_shape` can become the Flax parameter `shape`."""
+    if kind == "conv":  # [out, in, kh, kw] -> [kh, kw, in, out]
+        return len(source_shape) == 4 and tuple(source_shape[i] for i in (2, 3, 1, 0)) == shape
+    if kind == "linear":  # [out, in] -> [in..., out...], split anywhere the sizes allow
+        return len(source_shape) == 2 and any(
+            math.prod(shape[:k]) == source_shape[1] and math.prod(shape[k:]) == source_shape[0]
+            for k in range(1, len(shape)))
+    if len(source_shape) == len(shape):
+        return tuple(source_shape) == shape
+    return math.prod(source_shape) == math.prod(shape) and len(source_shape) < len(shape) + 2
+
+
 def to_flax(tensor: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray | None:
     """Reshape a PyTorch tensor to the Flax parameter `shape`, or None when it cannot fit."""
-    if kind == "conv":  # [out, in, kh, kw] -> [kh, kw, in, out]
-        out = tensor.transpose(2, 3, 1, 0)
-        return out if out.shape == shape else None
-    if kind == "linear":  # [out, in] -> [in..., out...], split anywhere the sizes allow
-        if tensor.ndim != 2:
-            return None
-        fits = any(math.prod(shape[:k]) == tensor.shape[1] and math.prod(shape[k:]) == tensor.shape[0]
-                   for k in range(1, len(shape)))
-        return tensor.T.reshape(shape) if fits else None
-    if tensor.ndim == len(shape):
-        return tensor if tensor.shape == shape else None
-    return tensor.reshape(shape) if tensor.size == math.prod(shape) and tensor.ndim < len(shape) + 2 else None
+    if not _fits(tensor.shape, kind, shape):
+        return None
+    if kind == "conv":
+        return tensor.transpose(2, 3, 1, 0)
+    if kind == "linear":
+        return tensor.T.reshape(shape)
+    return tensor.reshape(shape)
+
+
+class LazyWeight:
+    """A converted parameter not read yet: `np.asarray(w)` reads, reshapes and casts it. Checkpoint
+    writers materialise one at a time, so a conversion holds a few tensors, not the model."""
+
+    lazy = True
+
+    def __init__(self, tensors: Mapping, key: str, kind: str, shape: tuple[int, ...], dtype):
+        self.tensors, self.key, self.kind, self.shape, self.dtype = tensors, key, kind, shape, np.dtype(dtype)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(to_flax(_numpy(self.tensors[self.key]), self.kind, self.shape), dtype or self.dtype)
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -62,26 +91,34 @@ def _numpy(tensor) -> np.ndarray:
     return np.asarray(tensor)
 
 
+def _source_shape(tensors: Mapping, key: str) -> tuple[int, ...]:
+    if hasattr(tensors, "shape"):  # a CheckpointReader: from the file header, nothing read
+        return tuple(tensors.shape(key))
+    return tuple(np.shape(_numpy(tensors[key])))
+
+
 def map_weights(tensors: Mapping, expected: Mapping, hf_key: Callable[[str], tuple[str, str]], *,
                 what: str, scope: str = "", ignore: re.Pattern | None = None, dtype=None,
                 progress: bool = False) -> tuple[dict, list[str]]:
-    """Flat {'/'-path: array} for every `expected` {'/'-path: ShapeDtypeStruct}, read from `tensors`
-    (any mapping with `keys`, `in` and `[]`, read one tensor at a time). Source keys under `scope`
-    that no parameter uses are unexpected unless `ignore` matches them. Returns (flat params,
-    ignored keys); raises one ConversionError naming every problem."""
+    """Flat {'/'-path: array} for every `expected` {'/'-path: ShapeDtypeStruct}, from `tensors` (any
+    mapping with `keys`, `in` and `[]`). Every key and shape is checked first; source keys under
+    `scope` that no parameter uses are unexpected unless `ignore` matches them. Returns (flat params,
+    ignored keys); raises one ConversionError naming every problem. From a reader that reports shapes
+    (`CheckpointReader`), the arrays are `LazyWeight`s, read only when used or written."""
     missing, mismatched, consumed, flat = [], [], set(), {}
+    lazy = hasattr(tensors, "shape")
     for path, spec in tqdm(expected.items(), desc="convert", unit="tensor", disable=not progress):
         key, kind = hf_key(path)
         if key not in tensors:
             missing.append(key)
             continue
-        tensor = _numpy(tensors[key])
         consumed.add(key)
-        value = to_flax(tensor, kind, tuple(spec.shape))
-        if value is None:
-            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model expects {tuple(spec.shape)} ({path})")
+        shape, source = tuple(spec.shape), _source_shape(tensors, key)
+        if not _fits(source, kind, shape):
+            mismatched.append(f"{key}: checkpoint {source}, model expects {shape} ({path})")
             continue
-        flat[path] = np.asarray(value, dtype=dtype or spec.dtype)
+        weight = LazyWeight(tensors, key, kind, shape, dtype or spec.dtype)
+        flat[path] = weight if lazy else np.asarray(weight)
     leftover = [k for k in tensors.keys() if k.startswith(scope) and k not in consumed]
     ignored = [k for k in leftover if ignore is not None and ignore.search(k)]
     unexpected = [k for k in leftover if k not in ignored]

@@ -60,6 +60,16 @@ class CheckpointReader:
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (safetensors) or the memory map (.bin): nothing is read."""
+        path = self._files[key]
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy") as f:
+                return tuple(f.get_slice(key).get_shape())
+        return tuple(self._torch_file(path)[key].shape)
+
     def __getitem__(self, key: str) -> np.ndarray:
         path = self._files[key]
         if path.suffix == ".safetensors":

@@ -42,6 +42,8 @@ def compare(src: str | Path, dst: str | Path, batch: int = 2, seed: int = 0) -> 
 
     config, params = checkpoint.load(dst)
     hf = load_transformers_model(src)
+    if not hasattr(config, "text"):
+        return _compare_blip2(config, params, hf, batch, seed)
     model = Blip(config)
     pixels, ids, mask = random_inputs(config, batch, seed=seed)
     t_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
@@ -97,3 +99,58 @@ def _masked_t(x, mask):
     import torch
 
     return x * torch.from_numpy(mask)[..., None]
+
+
+def _compare_blip2(config, params, hf, batch: int, seed: int) -> dict[str, float]:
+    """BLIP-2 / InstructBLIP: vision features and LLM logits (generation models), or ITM logits and
+    ITC similarities (retrieval), on random pixels and unpadded random token ids."""
+    import torch
+
+    from blip_jax.models.blip2 import Blip2
+
+    rng = np.random.default_rng(seed)
+    size = config.vision.image_size
+    pixels = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    t_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+    model, v = Blip2(config), {"params": params}
+    vocab = config.llm.vocab_size if config.architecture == "generation" else config.qformer_vocab_size
+    ids = rng.integers(5, min(vocab, config.image_token_id or vocab), (batch, 6)).astype(np.int64)
+    ones = np.ones_like(ids)
+    out = {}
+    with torch.no_grad():
+        image = hf.vision_model(pixel_values=t_pixels).last_hidden_state
+        j_image = model.apply(v, jnp.asarray(pixels), method=Blip2.encode_image)
+        out["vision.last_hidden_state"] = float(np.abs(np.asarray(j_image) - image.numpy()).max())
+        if config.architecture == "retrieval":
+            t = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ones))
+            itm = hf(pixel_values=t_pixels, use_image_text_matching_head=True, **t).logits_per_image.numpy()
+            j_itm = model.apply(v, j_image, jnp.asarray(ids), jnp.asarray(ones), method=Blip2.itm_logits)
+            out["itm_logits"] = float(np.abs(np.asarray(j_itm) - itm).max())
+            itc = hf(pixel_values=t_pixels, use_image_text_matching_head=False, **t).logits_per_image.numpy()
+            j_itc = np.einsum("iqd,td->iqt", np.asarray(model.apply(v, j_image, method=Blip2.image_features)),
+                              np.asarray(model.apply(v, jnp.asarray(ids), jnp.asarray(ones),
+                                                     method=Blip2.text_features))).max(1)
+            out["itc_similarity"] = float(np.abs(j_itc - itc).max())
+            return out
+        q = config.num_query_tokens
+        full = np.concatenate([np.full((batch, q), config.image_token_id), ids], 1)
+        kwargs = dict(pixel_values=t_pixels, input_ids=torch.from_numpy(full),
+                      attention_mask=torch.from_numpy(np.ones_like(full)))
+        instruction = None
+        if config.instruct:
+            instruction = rng.integers(5, config.qformer_vocab_size, (batch, 4)).astype(np.int64)
+            kwargs.update(qformer_input_ids=torch.from_numpy(instruction),
+                          qformer_attention_mask=torch.from_numpy(np.ones_like(instruction)))
+        decoder_ids = None
+        if config.family.encoder_decoder:
+            decoder_ids = ids[:, :3]
+            kwargs["decoder_input_ids"] = torch.from_numpy(decoder_ids)
+        logits = hf(**kwargs).logits.numpy()
+        prefix = model.apply(v, j_image, None if instruction is None else jnp.asarray(instruction),
+                             None if instruction is None else jnp.ones(instruction.shape, jnp.int32),
+                             method=Blip2.language_prefix)
+        j_logits = model.apply(v, prefix, jnp.asarray(ids), jnp.asarray(ones),
+                               None if decoder_ids is None else jnp.asarray(decoder_ids),
+                               method=Blip2.language_model_logits)
+        out["language_model.logits"] = float(np.abs(np.asarray(j_logits) - logits).max())
+    return out

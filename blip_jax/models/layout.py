@@ -29,10 +29,31 @@ def stack_layers(tree: dict) -> dict:
     return {k: stack_layers(v) for k, v in list(tree.items())}
 
 
+class LazyStack:
+    """Stacked lazy weights (`blip_jax.convert.mapping.LazyWeight`), read when materialised."""
+
+    lazy = True
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.shape = (len(parts),) + tuple(parts[0].shape)
+        self.dtype = parts[0].dtype
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, dtype or self.dtype)
+        for i, part in enumerate(self.parts):
+            out[i] = np.asarray(part)
+        return out
+
+
 def _stack(trees: list):
     first = trees[0]
     if isinstance(first, dict):
         return {k: _stack([t.pop(k) for t in trees]) for k in list(first)}
+    if getattr(first, "lazy", False):
+        return LazyStack(trees)
     out = np.empty((len(trees),) + np.shape(first), dtype=np.asarray(first).dtype)
     for i in range(len(trees)):
         out[i] = trees[i]

@@ -223,10 +223,10 @@ class Llama(nn.Module):
     Inputs: `input_ids` [B, T] and/or `inputs_embeds` [B, T', hidden_size]; with both, the
     embeddings come first (InstructBLIP's soft prompt followed by the text). `attention_mask`
     [B, T_total] (0/1, left padding), or [B, max_len] over every cache position when decoding with a
-    cache (the inputs then sit at `cache_index`). `positions` [B, T_total] default to HF generate's,
-    derived from the mask. LLaMA has no dropout, so `deterministic` changes nothing. `last_only`
-    computes the logits of the last position only ([B, 1, V]), what generation needs.
-    aux["cache"] holds the updated cache.
+    cache (the inputs then sit at `cache_index`). `positions` of the inputs ([B, T_total] or
+    broadcastable) default to HF generate's, derived from the mask. LLaMA has no dropout, so
+    `deterministic` changes nothing. `last_only` computes the logits of the last position only
+    ([B, 1, V]), what generation needs. aux["cache"] holds the updated cache.
     """
 
     config: LlamaConfig

@@ -6,8 +6,9 @@ Architecture: pre-RMSNorm blocks (T5LayerNorm, no mean, no bias), attention with
 nor biases, relative position buckets (bidirectional in the encoder, causal in the decoder) whose
 table belongs to the first block of each stack and serves every block, no position bias in the
 cross-attention, ReLU MLP (`wi`, `wo`) for original T5 or gated MLP (`wi_0`, `wi_1`, `wo`; tanh GELU
-for "gated-gelu") for v1.1/Flan, final RMSNorm per stack. Original T5 ties the head to `shared` and
-scales the decoder output by d_model**-0.5 first; v1.1/Flan have an untied `lm_head`, unscaled.
+for "gated-gelu" unless the config's `dense_act_fn` names another) for v1.1/Flan, final RMSNorm per
+stack. Original T5 ties the head to `shared` and scales the decoder output by d_model**-0.5 first;
+v1.1/Flan have an untied `lm_head`, unscaled.
 
 Decoding keeps two caches (see `blip_jax.generation`): per row (beam) the self-attention keys and
 values {"layers": per layer {"k", "v"} [R, H, max_len, Dkv]} from `init_cache`, and per example the
@@ -69,7 +70,8 @@ class T5Config:
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    feed_forward_proj: str = "relu"  # "relu" (T5) or "gated-gelu" (v1.1, Flan)
+    activation: str = "relu"  # of the MLP: relu (T5), gelu_new (v1.1, Flan), gelu (BLIP-2's Flan-T5)
+    gated: bool = False  # wi_0, wi_1 (v1.1, Flan) instead of wi
     tie_word_embeddings: bool = True  # head = `shared`, decoder output scaled by d_model**-0.5
     layer_norm_eps: float = 1e-6
     dropout: float = 0.1
@@ -77,14 +79,9 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
 
-    @property
-    def gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
-
-    @property
-    def activation(self) -> str:
-        # transformers maps "gated-gelu" to the tanh GELU v1.1 was trained with.
-        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+    def __post_init__(self):
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"T5 activation {self.activation!r} is not one of {sorted(_ACTIVATIONS)}")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "T5Config":
@@ -100,6 +97,10 @@ class T5Config:
         tie = hf.get("scale_decoder_outputs")
         if tie is None:
             tie = get("tie_word_embeddings", d.tie_word_embeddings)
+        # feed_forward_proj is "relu" or "gated-gelu"; transformers maps the latter to the tanh GELU
+        # unless the config names the activation (BLIP-2's Flan-T5 configs say dense_act_fn "gelu").
+        proj = get("feed_forward_proj", "relu")
+        activation = get("dense_act_fn", "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1])
         eos = get("eos_token_id", d.eos_token_id)
         pad = get("pad_token_id", d.pad_token_id)
         return cls(
@@ -112,7 +113,8 @@ class T5Config:
             num_heads=get("num_heads", d.num_heads),
             relative_attention_num_buckets=get("relative_attention_num_buckets", d.relative_attention_num_buckets),
             relative_attention_max_distance=get("relative_attention_max_distance", d.relative_attention_max_distance),
-            feed_forward_proj=get("feed_forward_proj", d.feed_forward_proj),
+            activation=activation,
+            gated=bool(get("is_gated_act", proj.split("-")[0] == "gated")),
             tie_word_embeddings=bool(tie),
             layer_norm_eps=float(get("layer_norm_epsilon", d.layer_norm_eps)),
             dropout=float(get("dropout_rate", d.dropout)),
@@ -150,7 +152,7 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
 
 
 class T5Attention(nn.Module):
-    """Unscaled, bias-free attention: o(attend(q(x), keys, values) + position bias)."""
+    """T5 attention: o(softmax(q(x) k^T + position bias) v), no 1/sqrt(d) scaling, no biases."""
 
     config: T5Config
     deterministic: bool = True
@@ -341,6 +343,8 @@ class T5(nn.Module):
         cache (a merged one, see `decode_step`) unless `encoder_states` is given; aux["cache"] holds
         the updated cache with them."""
         cfg = self.config
+        if encoder_states is None and cache is None:
+            raise ValueError("decode needs encoder_states, or a cache holding the cross-attention keys/values")
         x = nn.with_logical_constraint(self.shared(decoder_input_ids), ("batch", "length", "embed"))
         length = x.shape[1]
         if decoder_attention_mask is None:
@@ -450,13 +454,21 @@ def load_t5_params(state_dict: Mapping[str, Any], config: T5Config, *, scan_laye
     CPU torch tensors). `prefix` is prepended to every key (e.g. "language_model." in a BLIP-2
     checkpoint) and scopes the unexpected-key check. Missing, unexpected or misshapen tensors raise
     one ConversionError; the stacks' copies of `shared.weight`, the tied `lm_head.weight` and the
-    unused decoder cross-attention bias of old checkpoints (which transformers skips too) are ignored."""
+    unused decoder cross-attention bias of old checkpoints (which transformers skips too) are ignored.
+    An untied (v1.1) head absent from the checkpoint is `shared.weight`: transformers 5 ties the two
+    whatever the config and saves v1.1 models without `lm_head.weight`."""
     ignored = [r"(encoder|decoder)\.embed_tokens\.weight",
                r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"]
     if config.tie_word_embeddings:
         ignored.append(r"lm_head\.weight")
     ignore = re.compile(rf"^{re.escape(prefix)}({'|'.join(ignored)})$")
-    flat, _ = map_weights(state_dict, expected_params(param_shapes(config)), lambda path: hf_key(path, prefix),
+
+    def key(path):
+        if path == "lm_head/kernel" and prefix + "lm_head.weight" not in state_dict:
+            return prefix + "shared.weight", "linear"
+        return hf_key(path, prefix)
+
+    flat, _ = map_weights(state_dict, expected_params(param_shapes(config)), key,
                           what="T5 weights do not match the config", scope=prefix, ignore=ignore, dtype=dtype)
     params = traverse_util.unflatten_dict(flat, sep="/")
     return stack_layers(params) if scan_layers else params

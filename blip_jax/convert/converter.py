@@ -75,7 +75,7 @@ def convert(src: str | Path, dst: str | Path, *, scan_layers: bool = False, para
     }
     copied = []
     with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
-        checkpoint.save_params(tmp, params)
+        checkpoint.save_params(tmp, params, progress=progress)
         checkpoint.write_config(tmp, config)
         for name in SIDE_FILES:
             if (src / name).exists():
