@@ -147,14 +147,12 @@ def load(directory: str | Path, scan_layers: bool | None = None):
     from the stored one."""
     import jax.numpy as jnp
 
-    from blip_jax.models.blip import param_shapes
+    from blip_jax.models import blip, blip2
     from blip_jax.models.layout import stack_layers, unstack_layers
 
     config = read_config(directory)
+    param_shapes = blip.param_shapes if isinstance(config, BlipConfig) else blip2.param_shapes
     if not isinstance(config, BlipConfig):
-        from blip_jax.models import blip2
-
-        param_shapes = blip2.param_shapes
         if scan_layers is not None and scan_layers != config.scan_layers:
             raise ValueError(f"{directory} stores scan_layers={config.scan_layers}; convert again to change the "
                              "layout of a BLIP-2 model")

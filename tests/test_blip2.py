@@ -13,7 +13,6 @@ import transformers
 import blip_jax
 from blip_jax.blip2_api import generate_tokens
 from blip_jax.convert import ConversionError, convert
-from blip_jax.generation import GenerationConfig
 from blip_jax.models.blip2 import Blip2
 from blip_jax.testing import sample_images, write_tiny_blip2_checkpoint
 
@@ -249,3 +248,29 @@ def test_verify_every_class(tiny, kind):
     diffs = compare(src, model.path)
     print(kind, diffs)
     assert len(diffs) >= 2 and max(diffs.values()) < 1e-4, diffs
+
+
+def test_qformer_stage1_masks_and_itg_head(tiny):
+    """ITG's multimodal-causal mask: a text position sees the queries and its own prefix only, and
+    the queries' outputs are those of a queries-only pass (what LAVIS gets by reusing their K/V)."""
+    _, model, _ = tiny("retrieval")
+    config = model.config.replace(itg_head=True)
+    m = Blip2(config)
+    from blip_jax.models.blip2 import init_params
+
+    params = {**init_params(config, jax.random.PRNGKey(1)), **model.params}  # converted weights + a new head
+    embeds = m.apply({"params": params}, jnp.asarray(model.preprocess(sample_images(2))), method=Blip2.encode_image)
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 200, (2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    logits = m.apply({"params": params}, embeds, ids, mask, method=Blip2.itg_logits)
+    assert logits.shape == (2, 7, config.qformer_vocab_size)
+    changed = ids.at[:, 4:].set(7)  # later tokens must not change earlier positions' logits
+    logits2 = m.apply({"params": params}, embeds, changed, mask, method=Blip2.itg_logits)
+    np.testing.assert_allclose(np.asarray(logits[:, :4]), np.asarray(logits2[:, :4]), atol=1e-5)
+    assert np.abs(np.asarray(logits[:, 4:]) - np.asarray(logits2[:, 4:])).max() > 1e-3
+    q = config.num_query_tokens
+    causal = m.apply({"params": params}, embeds, ids, mask, causal_text=True, method=Blip2.query_outputs)[:, :q]
+    alone = m.apply({"params": params}, embeds, method=Blip2.query_outputs)
+    np.testing.assert_allclose(np.asarray(causal), np.asarray(alone), atol=1e-5)
+    bidirectional = m.apply({"params": params}, embeds, ids, mask, method=Blip2.query_outputs)[:, :q]
+    assert np.abs(np.asarray(bidirectional) - np.asarray(alone)).max() > 1e-3  # ITM's queries do see the text

@@ -20,7 +20,7 @@ from blip_jax import checkpoint
 from blip_jax.convert import blip2_keys, blip_keys
 from blip_jax.convert.blip2_keys import blip2_config_from_hf
 from blip_jax.convert.hf_config import blip_config_from_hf, read_hf_config
-from blip_jax.convert.mapping import ConversionError, expected_params, map_weights  # noqa: F401 (re-exported)
+from blip_jax.convert.mapping import expected_params, map_weights
 from blip_jax.convert.reader import CheckpointReader
 from blip_jax.models.blip import param_shapes
 from blip_jax.models.layout import stack_layers

@@ -16,6 +16,7 @@ Parameter tree (HF key prefixes in brackets):
   language_projection             [D, D_llm]                       [language_projection]
   language_model/...              blip_jax.models.llm              [language_model.*]
   vision_projection, text_projection, itm_head                    (retrieval)
+  itg_dense, itg_norm, itg_bias   stage 1's ITG head (`itg_head`; not in transformers checkpoints)
 
 The Q-Former computes in float32 whatever the frozen towers do (a half-precision Q-Former is a
 known source of inf losses); `frozen_param_dtype` stores the ViT and the LLM in bfloat16.
@@ -57,6 +58,7 @@ class Blip2Config:
     param_dtype: str = "float32"  # storage of the trained parts (ln_vision, queries, Q-Former, heads)
     frozen_param_dtype: str = "float32"  # storage of the ViT and the LLM
     qformer_dtype: str = "float32"  # compute dtype of the Q-Former
+    itg_head: bool = False  # retrieval: stage 1's image-grounded text generation head (LAVIS has it, HF not)
     scan_layers: bool = False
     remat_policy: str = "none"
 
@@ -132,6 +134,11 @@ class Blip2(nn.Module):
             self.vision_projection = layers.Dense(cfg.embed_dim, ("embed", None), **trained)
             self.text_projection = layers.Dense(cfg.embed_dim, ("embed", None), **trained)
             self.itm_head = layers.Dense(2, ("embed", None), **trained)
+            if cfg.itg_head:  # BERT's LM head: transform, then the word embeddings (tied) plus a bias
+                self.itg_dense = layers.Dense(q.hidden_size, ("embed", None), **trained)
+                self.itg_norm = layers.layer_norm(q.layer_norm_eps, **trained)
+                self.itg_bias = self.param("itg_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
+                                           (cfg.qformer_vocab_size,), trained["param_dtype"])
 
     # ----------------------------------------------------------------- pieces
     def encode_image(self, pixel_values, deterministic: bool = True):
@@ -178,6 +185,13 @@ class Blip2(nn.Module):
         hidden = self.query_outputs(image_embeds, input_ids, attention_mask)
         return self.itm_head(hidden[:, : self.config.num_query_tokens]).astype(jnp.float32).mean(axis=1)
 
+    def itg_logits(self, image_embeds, input_ids, attention_mask):
+        """ITG: text after the queries under the multimodal-causal mask -> next-token logits [B, T, V]
+        (float32) at the text positions; the caller puts [DEC] first and shifts the labels."""
+        hidden = self.query_outputs(image_embeds, input_ids, attention_mask, causal_text=True)
+        h = self.itg_norm(layers.gelu(self.itg_dense(hidden[:, self.config.num_query_tokens:])))
+        return (self.qformer_word.attend(h) + self.itg_bias).astype(jnp.float32)
+
     def image_features(self, image_embeds):
         """ITC image side: normalised projections of every query output [B, Q, embed_dim]."""
         return l2_normalize(self.vision_projection(self.query_outputs(image_embeds)))
@@ -194,8 +208,11 @@ class Blip2(nn.Module):
         features, text features) for retrieval."""
         image_embeds = self.encode_image(pixel_values, deterministic)
         if self.config.architecture == "retrieval":
-            return (self.itm_logits(image_embeds, input_ids, attention_mask), self.image_features(image_embeds),
-                    self.text_features(input_ids, attention_mask))
+            out = (self.itm_logits(image_embeds, input_ids, attention_mask), self.image_features(image_embeds),
+                   self.text_features(input_ids, attention_mask))
+            if self.config.itg_head:
+                out += (self.itg_logits(image_embeds, input_ids, attention_mask),)
+            return out
         prefix = self.language_prefix(image_embeds, instruction_ids, instruction_mask, deterministic)
         return self.language_model_logits(prefix, input_ids, attention_mask, decoder_input_ids,
                                           deterministic=deterministic)

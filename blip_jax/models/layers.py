@@ -81,15 +81,24 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = 
     )
 
 
-def rms_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.RMSNorm:
-    """RMSNorm (T5's LayerNorm, LLaMA's RMSNorm): no mean, no bias, statistics in fp32."""
-    return nn.RMSNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=logical(nn.initializers.ones, ("embed",)),
-        name=name,
-    )
+class RMSNorm(nn.Module):
+    """RMSNorm (T5's LayerNorm, LLaMA's RMSNorm) in transformers' order of roundings: normalise in
+    fp32, cast to the compute dtype, then multiply by the scale (no mean, no bias)."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rms_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> RMSNorm:
+    return RMSNorm(eps, dtype, param_dtype, name=name)
 
 
 def embed(num: int, features: int, axes: Axes, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Embed:
@@ -106,6 +115,17 @@ def embed(num: int, features: int, axes: Axes, dtype: Dtype, param_dtype: Dtype,
 def gelu(x):
     """Exact (erf) GELU, as BERT and the BLIP ViT use; the tanh approximation drifts by ~1e-3."""
     return jax.nn.gelu(x, approximate=False)
+
+
+# transformers' activation names -> functions
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": gelu,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (T5 v1.1 "gated-gelu")
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
 
 
 def heads_first(x):

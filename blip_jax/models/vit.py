@@ -15,8 +15,6 @@ from blip_jax.models import layers
 from blip_jax.models.config import VisionConfig
 from blip_jax.models.stack import LayerStack
 
-ACTIVATIONS = {"gelu": layers.gelu, "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x)}
-
 
 class VisionEmbeddings(nn.Module):
     config: VisionConfig
@@ -75,7 +73,7 @@ class VisionBlock(nn.Module):
 
         h = layers.layer_norm(cfg.layer_norm_eps, name="ln2", **kw)(x)
         h = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(h)
-        h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(ACTIVATIONS[cfg.activation](h))
+        h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **kw)(layers.ACTIVATIONS[cfg.activation](h))
         x = x + layers.drop_path(h, cfg.drop_path_rate, self.deterministic, self)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 

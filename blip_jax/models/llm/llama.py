@@ -50,9 +50,6 @@ from blip_jax.models import layers
 from blip_jax.models.layout import stack_layers
 from blip_jax.models.stack import LayerStack
 
-_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu}
-
-
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 32000
@@ -80,8 +77,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in layers.ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(layers.ACTIVATIONS)}")
 
     @property
     def embed_dim(self) -> int:
@@ -190,7 +187,7 @@ class LlamaMLP(nn.Module):
         gate = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return layers.Dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(
-            _ACTIVATIONS[cfg.hidden_act](gate) * up)
+            layers.ACTIVATIONS[cfg.hidden_act](gate) * up)
 
 
 class LlamaLayer(nn.Module):

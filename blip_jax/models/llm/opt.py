@@ -44,15 +44,6 @@ from blip_jax.models.stack import LayerStack
 
 POSITION_OFFSET = 2
 
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class OptConfig:
     vocab_size: int = 50272
@@ -169,7 +160,7 @@ class OptLayer(nn.Module):
 
         h = mlp_norm(x) if pre else x
         h = layers.Dense(cfg.ffn_dim, ("embed", "mlp"), use_bias=cfg.enable_bias, name="fc1", **kw)(h)
-        h = _ACTIVATIONS[cfg.activation](h)
+        h = layers.ACTIVATIONS[cfg.activation](h)
         h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.enable_bias, name="fc2", **kw)(h)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         if not pre:

@@ -51,14 +51,6 @@ from blip_jax.models.layout import stack_layers
 from blip_jax.models.med import merge_cache, split_cache
 from blip_jax.models.stack import LayerStack
 
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
@@ -80,8 +72,8 @@ class T5Config:
     decoder_start_token_id: int = 0
 
     def __post_init__(self):
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"T5 activation {self.activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        if self.activation not in layers.ACTIVATIONS:
+            raise ValueError(f"T5 activation {self.activation!r} is not one of {sorted(layers.ACTIVATIONS)}")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "T5Config":
@@ -189,7 +181,7 @@ class T5MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        act = _ACTIVATIONS[cfg.activation]
+        act = layers.ACTIVATIONS[cfg.activation]
         if cfg.gated:
             h = act(layers.Dense(cfg.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x))
             h = h * layers.Dense(cfg.d_ff, ("embed", "mlp"), name="wi_1", **kw)(x)
