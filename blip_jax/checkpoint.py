@@ -110,6 +110,15 @@ def restore_params(directory: str | Path, target=None):
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def stored_paths(directory: str | Path) -> list[str]:
+    """'/'-joined paths of every stored parameter, read from the metadata (no array is read)."""
+    root = Path(directory).absolute() / PARAMS
+    if (root / PARTS).exists():
+        return [p for paths in json.loads((root / PARTS).read_text())["parts"] for p in paths]
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return list(traverse_util.flatten_dict(ckptr.metadata(root).tree, sep="/"))
+
+
 def _restore(path: Path, target):
     with ocp.PyTreeCheckpointer() as ckptr:
         if target is None:

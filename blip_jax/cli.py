@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo.
+"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo, and train (blip_jax.train.main).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # absl flags with ml_collections configs (see blip_jax.train.main)
+        from blip_jax.train.main import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -162,34 +162,16 @@ BLIP2_KINDS = {  # kind -> (transformers class, LLM family)
     "instruct_t5": ("InstructBlipForConditionalGeneration", "t5"),
     "instruct_llama": ("InstructBlipForConditionalGeneration", "llama"),
 }
-# Special tokens of each LLM family's tokenizer, in id order, and the template that adds them.
-_LLM_SPECIALS = {
-    "opt": (["<s>", "<pad>", "</s>", "<unk>"], "</s> $A", dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                                              unk_token="<unk>")),
-    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
-    "llama": (["<unk>", "<s>", "</s>"], "<s> $A", dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")),
-}
 TINY_QUERY_TOKENS = 4
 
 
 def _llm_tokenizer(family: str):
-    """A word-level tokenizer with the family's special tokens and `<image>` (and, for LLaMA, a
-    `<pad>` appended after the vocabulary as Vicuna's is), as a transformers fast tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    """`blip_jax.text.word_level_tokenizer` over the tiny vocabulary, as a transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    specials, template, named = _LLM_SPECIALS[family]
-    words = [w for w in VOCAB if w not in _SPECIALS and not w.startswith("##")]
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    marks = [t for t in template.split() if t != "$A"]
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in marks])
-    extra = (["<pad>"] if family == "llama" else []) + ["<image>"]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra])
-    if family == "llama":
-        named = {**named, "pad_token": "<pad>"}
+    from blip_jax.text import word_level_tokenizer
+
+    tok, named = word_level_tokenizer([w for w in VOCAB if w not in _SPECIALS and not w.startswith("##")], family)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
     hf.padding_side = "right" if family == "t5" else "left"
     return hf

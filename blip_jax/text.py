@@ -338,3 +338,30 @@ class BlipTokenizer:
             batch = np.asarray(batch)
             batch = batch.reshape(1, -1) if batch.ndim == 1 else batch
         return [self.decode(x, skip_special_tokens, clean_up_tokenization_spaces) for x in batch]
+
+
+# Special tokens of each LLM family, in id order, and the template its tokenizer adds them with.
+LLM_SPECIAL_TOKENS = {
+    "opt": (["<s>", "<pad>", "</s>", "<unk>"], "</s> $A",
+            dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
+    "llama": (["<unk>", "<s>", "</s>"], "<s> $A", dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")),
+}
+
+
+def word_level_tokenizer(words: Sequence[str], family: str) -> tuple[Tokenizer, dict[str, str]]:
+    """A small word-level tokenizer laid out like the `family`'s (its special tokens first, the same
+    BOS/EOS template, `<image>` appended, and Vicuna's `<pad>` after the vocabulary for LLaMA), for
+    tests and synthetic-data training. Returns (tokenizer, named special tokens)."""
+    from tokenizers import models
+
+    specials, template, named = LLM_SPECIAL_TOKENS[family]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(list(specials) + [w for w in words if w not in specials]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    marks = [t for t in template.split() if t != "$A"]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in marks])
+    extra = (["<pad>"] if family == "llama" else []) + ["<image>"]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra])
+    return tok, {**named, **({"pad_token": "<pad>"} if family == "llama" else {})}

@@ -254,7 +254,7 @@ def test_qformer_stage1_masks_and_itg_head(tiny):
     """ITG's multimodal-causal mask: a text position sees the queries and its own prefix only, and
     the queries' outputs are those of a queries-only pass (what LAVIS gets by reusing their K/V)."""
     _, model, _ = tiny("retrieval")
-    config = model.config.replace(itg_head=True)
+    config = model.config.replace(stage1_heads=True)
     m = Blip2(config)
     from blip_jax.models.blip2 import init_params
 

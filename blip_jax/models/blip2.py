@@ -16,7 +16,8 @@ Parameter tree (HF key prefixes in brackets):
   language_projection             [D, D_llm]                       [language_projection]
   language_model/...              blip_jax.models.llm              [language_model.*]
   vision_projection, text_projection, itm_head                    (retrieval)
-  itg_dense, itg_norm, itg_bias   stage 1's ITG head (`itg_head`; not in transformers checkpoints)
+  itg_dense, itg_norm, itg_bias   stage 1's ITG head and ITC temperature `temp` (`stage1_heads`;
+  temp                            not in transformers checkpoints)
 
 The Q-Former computes in float32 whatever the frozen towers do (a half-precision Q-Former is a
 known source of inf losses); `frozen_param_dtype` stores the ViT and the LLM in bfloat16.
@@ -58,7 +59,7 @@ class Blip2Config:
     param_dtype: str = "float32"  # storage of the trained parts (ln_vision, queries, Q-Former, heads)
     frozen_param_dtype: str = "float32"  # storage of the ViT and the LLM
     qformer_dtype: str = "float32"  # compute dtype of the Q-Former
-    itg_head: bool = False  # retrieval: stage 1's image-grounded text generation head (LAVIS has it, HF not)
+    stage1_heads: bool = False  # retrieval: stage 1's ITG head and ITC temperature (LAVIS has them, HF not)
     scan_layers: bool = False
     remat_policy: str = "none"
 
@@ -134,11 +135,12 @@ class Blip2(nn.Module):
             self.vision_projection = layers.Dense(cfg.embed_dim, ("embed", None), **trained)
             self.text_projection = layers.Dense(cfg.embed_dim, ("embed", None), **trained)
             self.itm_head = layers.Dense(2, ("embed", None), **trained)
-            if cfg.itg_head:  # BERT's LM head: transform, then the word embeddings (tied) plus a bias
+            if cfg.stage1_heads:  # BERT's LM head: transform, then the word embeddings (tied) plus a bias
                 self.itg_dense = layers.Dense(q.hidden_size, ("embed", None), **trained)
                 self.itg_norm = layers.layer_norm(q.layer_norm_eps, **trained)
                 self.itg_bias = self.param("itg_bias", layers.logical(nn.initializers.zeros, ("vocab",)),
                                            (cfg.qformer_vocab_size,), trained["param_dtype"])
+                self.temp = self.param("temp", nn.initializers.constant(0.07), (), jnp.float32)  # ITC temperature
 
     # ----------------------------------------------------------------- pieces
     def encode_image(self, pixel_values, deterministic: bool = True):
@@ -180,26 +182,30 @@ class Blip2(nn.Module):
         logits, _ = self.language_model(input_ids, full_mask, inputs_embeds=prefix, deterministic=deterministic)
         return logits
 
-    def itm_logits(self, image_embeds, input_ids, attention_mask):
+    def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
         """ITM: queries + text in one bidirectional pass; the 2-way head averaged over the queries."""
-        hidden = self.query_outputs(image_embeds, input_ids, attention_mask)
+        hidden = self.query_outputs(image_embeds, input_ids, attention_mask, deterministic)
         return self.itm_head(hidden[:, : self.config.num_query_tokens]).astype(jnp.float32).mean(axis=1)
 
-    def itg_logits(self, image_embeds, input_ids, attention_mask):
+    def itc_temperature(self):
+        return self.temp
+
+    def itg_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
         """ITG: text after the queries under the multimodal-causal mask -> next-token logits [B, T, V]
         (float32) at the text positions; the caller puts [DEC] first and shifts the labels."""
-        hidden = self.query_outputs(image_embeds, input_ids, attention_mask, causal_text=True)
+        hidden = self.query_outputs(image_embeds, input_ids, attention_mask, deterministic, causal_text=True)
         h = self.itg_norm(layers.gelu(self.itg_dense(hidden[:, self.config.num_query_tokens:])))
         return (self.qformer_word.attend(h) + self.itg_bias).astype(jnp.float32)
 
-    def image_features(self, image_embeds):
+    def image_features(self, image_embeds, deterministic: bool = True):
         """ITC image side: normalised projections of every query output [B, Q, embed_dim]."""
-        return l2_normalize(self.vision_projection(self.query_outputs(image_embeds)))
+        return l2_normalize(self.vision_projection(self.query_outputs(image_embeds, deterministic=deterministic)))
 
-    def text_features(self, input_ids, attention_mask):
+    def text_features(self, input_ids, attention_mask, deterministic: bool = True):
         """ITC text side: the Q-Former without queries; normalised projection of [CLS] [B, embed_dim]."""
         empty = jnp.zeros((input_ids.shape[0], 0, self.config.qformer.hidden_size), DTYPES[self.config.qformer_dtype])
-        hidden, _ = self.qformer(empty, None, text_embeds=self._text_embeds(input_ids), text_mask=attention_mask)
+        hidden, _ = self.qformer(empty, None, text_embeds=self._text_embeds(input_ids), text_mask=attention_mask,
+                                 deterministic=deterministic)
         return l2_normalize(self.text_projection(hidden[:, 0]))
 
     def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None, instruction_ids=None,
@@ -210,8 +216,8 @@ class Blip2(nn.Module):
         if self.config.architecture == "retrieval":
             out = (self.itm_logits(image_embeds, input_ids, attention_mask), self.image_features(image_embeds),
                    self.text_features(input_ids, attention_mask))
-            if self.config.itg_head:
-                out += (self.itg_logits(image_embeds, input_ids, attention_mask),)
+            if self.config.stage1_heads:
+                out += (self.itg_logits(image_embeds, input_ids, attention_mask), self.temp)
             return out
         prefix = self.language_prefix(image_embeds, instruction_ids, instruction_mask, deterministic)
         return self.language_model_logits(prefix, input_ids, attention_mask, decoder_input_ids,

@@ -1,0 +1,80 @@
+"""The fields every training config has, with the BLIP-2 paper's defaults; `configs/*.py` start from
+`base()` and set what their stage and preset change. One place for each default."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from blip_jax.train.sharding import DEFAULT_RULES
+
+# Parameters that train in BLIP-2 / InstructBLIP: ln_vision, the queries, the Q-Former (and its
+# text embeddings), the projection to the LLM and stage 1's heads. Everything else is frozen.
+TRAINABLE = (r"^ln_vision/", r"^query_tokens$", r"^qformer", r"^language_projection/", r"^vision_projection/",
+             r"^text_projection/", r"^itm_head/", r"^itg_", r"^temp$")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.objective = "lm"  # stage1 | lm
+    c.seed = 0
+    c.batch_size = 8  # global
+    c.grad_accum_steps = 1
+    c.total_steps = 100
+    c.log_every = 10
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.nonfinite = "stop"  # stop | skip
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.rules = [list(r) for r in DEFAULT_RULES]
+    c.trainable = list(TRAINABLE)
+    c.optim = dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, decay_steps=100, b1=0.9, b2=0.98, eps=1e-8,
+                   weight_decay=0.05, clip_norm=0.0)
+    c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1)
+    c.data = dict(name="synthetic", num_records=10_000, seed=0, image_size=64, max_text_len=32)
+    c.model = ml_collections.ConfigDict(dict(
+        init_from="",  # a converted blip-jax model directory; empty: random initialisation from the fields
+        architecture="generation", instruct=False, llm_family="opt", num_query_tokens=32, embed_dim=256,
+        qformer_vocab_size=30523, qformer_max_positions=512,
+        dtype="float32", frozen_dtype="float32", qformer_dtype="float32", scan_layers=False, remat_policy="none",
+        vision=dict(hidden_size=1408, intermediate_size=6144, num_layers=39, num_heads=16, image_size=224,
+                    patch_size=14, layer_norm_eps=1e-6, final_norm=False),
+        qformer=dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, encoder_hidden_size=1408,
+                     cross_attention_frequency=2, hidden_dropout=0.1, attention_dropout=0.1,
+                     use_qformer_text_input=False),
+        llm=dict(),
+    ))
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a config to run on a CPU in about a second a step (tests and demos)."""
+    c.batch_size = 8
+    c.total_steps = 20
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.optim.lr = 1e-3
+    c.optim.min_lr = 1e-4
+    c.optim.warmup_steps = 2
+    c.optim.decay_steps = 60
+    c.data.image_size = 32
+    c.data.max_text_len = 16
+    m = c.model
+    m.num_query_tokens = 4
+    m.embed_dim = 16
+    m.qformer_max_positions = 64
+    m.vision = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32, patch_size=8,
+                    layer_norm_eps=1e-6, final_norm=False)
+    m.qformer = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, encoder_hidden_size=32,
+                     cross_attention_frequency=2, hidden_dropout=0.0, attention_dropout=0.0,
+                     use_qformer_text_input=m.qformer.use_qformer_text_input)
+    tiny_llm = {
+        "opt": dict(hidden_size=32, num_layers=2, num_heads=4, ffn_dim=64, max_position_embeddings=64, dropout=0.0),
+        "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                   relative_attention_max_distance=16, activation="gelu", gated=True, tie_word_embeddings=False,
+                   dropout=0.0),
+        "llama": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_position_embeddings=128),
+    }
+    m.llm = tiny_llm.get(m.llm_family, {})
+    return c

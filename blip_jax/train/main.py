@@ -1,0 +1,50 @@
+"""`blip-jax train --config=configs/<stage>.py:<preset> --workdir=W [--config.field=value ...]`
+
+absl flags with ml_collections config files (big_vision's convention). Rerunning the same command
+resumes from the latest checkpoint in W. In a multi-process job (TPU pod, SLURM, localhost) every
+process runs the same command; `--coordinator`, `--num_processes` and `--process_id` (or the
+environment a cluster sets) connect them through `jax.distributed.initialize`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/blip2_stage1.py:tiny",
+                                flag_values=FLAGS, lock_config=False)
+flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/", flag_values=FLAGS)
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs)", flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "processes in the job (multi-process runs)", flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)", flag_values=FLAGS)
+flags.DEFINE_bool("cpu_collectives", False, "use gloo collectives between CPU processes", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "compile the train step for the mesh, print memory and FLOPs, and exit",
+                  flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> int:
+    FLAGS(["blip-jax train"] + list(argv))
+    if FLAGS.config is None or (FLAGS.workdir is None and not FLAGS.dry_run):
+        print("usage: blip-jax train --config=configs/<stage>.py:<preset> --workdir=DIR", file=sys.stderr)
+        return 2
+    import jax
+
+    if FLAGS.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if FLAGS.coordinator or FLAGS.num_processes:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from blip_jax.train import trainer
+
+    if FLAGS.dry_run:
+        from blip_jax.train import plan
+
+        print(json.dumps(plan.plan(FLAGS.config), indent=2))
+        return 0
+    last = trainer.train(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps(last, indent=2))
+    return 0

@@ -1,0 +1,125 @@
+"""Building the sharded model state: config -> model, parameters placed in their shardings (converted
+weights restored straight into them, only the missing ones initialised), split into the trainable
+tree (with optimizer state) and the frozen tree (no gradients, no optimizer state, saved once)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from blip_jax import checkpoint
+from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
+from blip_jax.models.config import VisionConfig
+from blip_jax.models.llm import FAMILIES
+from blip_jax.models.qformer import QFormerConfig
+from blip_jax.train import partition, sharding
+
+
+def model_config(cfg, vocab: dict | None = None) -> Blip2Config:
+    """The Blip2Config a train config describes: a converted checkpoint's (`model.init_from`) or one
+    built from the config's fields (random initialisation, vocabulary sizes and special token ids
+    from `vocab`, the task's tokenizers), with the run's dtypes and layout."""
+    m = cfg.model
+    run = dict(dtype=m.dtype, param_dtype="float32", frozen_param_dtype=m.frozen_dtype, qformer_dtype=m.qformer_dtype,
+               scan_layers=m.scan_layers, remat_policy=m.remat_policy, stage1_heads=cfg.objective == "stage1")
+    if m.init_from:
+        base = checkpoint.read_config(m.init_from)
+        if not isinstance(base, Blip2Config):
+            raise ValueError(f"{m.init_from} is not a BLIP-2 / InstructBLIP model directory")
+        if cfg.objective == "stage1" and base.architecture != "retrieval":
+            raise ValueError("stage 1 trains the retrieval architecture (Q-Former heads); "
+                             f"{m.init_from} is a {base.architecture} model")
+        return base.replace(**run)
+    vocab = vocab or {}
+    family = FAMILIES.get(m.llm_family) if m.architecture == "generation" else None
+    llm = None
+    if family:
+        fields = {f.name for f in dataclasses.fields(family.config)}
+        ids = {"vocab_size": vocab.get("llm_vocab_size"), "pad_token_id": vocab.get("pad_token_id"),
+               "eos_token_id": vocab.get("eos_token_id"), "bos_token_id": vocab.get("bos_token_id"),
+               "decoder_start_token_id": vocab.get("pad_token_id")}
+        llm = family.config(**{**m.llm.to_dict(), **{k: v for k, v in ids.items() if k in fields and v is not None}})
+    return Blip2Config(
+        architecture=m.architecture, instruct=m.instruct, vision=VisionConfig(**m.vision.to_dict()),
+        qformer=QFormerConfig(**m.qformer.to_dict()), llm_family=m.llm_family if family else "", llm=llm,
+        num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
+        qformer_vocab_size=vocab.get("qformer_vocab_size", m.qformer_vocab_size),
+        qformer_max_positions=m.qformer_max_positions, **run)
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _unflat(flat):
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@dataclasses.dataclass
+class ModelState:
+    """Everything the train step needs besides the batch."""
+
+    model: Blip2
+    config: Blip2Config
+    train: dict  # {"step", "params" (trainable), "opt_state", "rng", "bad_step"}
+    frozen: dict  # frozen parameters
+    param_shardings: dict  # all parameters (merged tree)
+    mesh: Mesh
+
+
+def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""):
+    """(params placed in their shardings, their shardings, paths initialised at random). With
+    `init_from`, stored parameters are restored into their shardings and only the others initialised:
+    init runs under jit with only those outputs, so the rest is never materialised."""
+    model = Blip2(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_inputs(config)[0],
+                                              **_init_inputs(config)[1]))["params"]
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = nn.unbox(boxed)
+    flat_sh, flat_abs = _flat(shardings), _flat(abstract)
+    restored = {}
+    if init_from:
+        stored = checkpoint.stored_paths(init_from)
+        unknown = [p for p in stored if p not in flat_abs]
+        if unknown:
+            raise ValueError(f"{init_from} holds parameters this model does not have: {unknown[:5]}")
+        target = {p: jax.ShapeDtypeStruct(flat_abs[p].shape, flat_abs[p].dtype, sharding=flat_sh[p]) for p in stored}
+        restored = _flat(checkpoint.restore_params(init_from, _unflat(target)))
+    missing = sorted(p for p in flat_abs if p not in restored)
+    if missing:
+        args, kwargs = _init_inputs(config)
+
+        def init_missing(key):
+            params = _flat(nn.unbox(model.init(key, *args, **kwargs)["params"]))
+            return {p: params[p] for p in missing}
+
+        out_sh = {p: flat_sh[p] for p in missing}
+        with mesh:
+            restored.update(jax.jit(init_missing, out_shardings=out_sh)(rng))
+    return _unflat(restored), shardings, missing
+
+
+def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict | None = None) -> ModelState:
+    config = model_config(cfg, vocab)
+    rules = sharding.rules_from_config(cfg.rules)
+    rng = jax.random.PRNGKey(cfg.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    with nn.logical_axis_rules(rules):
+        params, shardings, _ = init_params(config, mesh, rules, init_rng, cfg.model.init_from)
+    trainable, frozen = partition.split(params, cfg.trainable)
+    with mesh:
+        opt_state = jax.jit(optimizer.init)(trainable)
+    train = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state, "rng": train_rng,
+             "bad_step": jnp.full((), -1, jnp.int32)}
+    return ModelState(Blip2(config), config, train, frozen, shardings, mesh)
+
+
+def frozen_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / "frozen"

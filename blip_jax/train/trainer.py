@@ -1,0 +1,198 @@
+"""The one trainer of every stage: a jitted, sharded train step (gradient accumulation over
+microbatches, frozen parameters never differentiated), Orbax checkpoints with exact resume, and
+metrics as JSON lines and TensorBoard events.
+
+Stages differ by config only: the model (`model.*`), which parameters train (`trainable` regexes),
+the objective (`objective`: a key of `blip_jax.train.objectives.OBJECTIVES`) and the data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from blip_jax.train import inputs, objectives, optim, partition, sharding
+from blip_jax.train import state as state_lib
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite."""
+
+
+def make_train_step(st: state_lib.ModelState, optimizer: optax.GradientTransformation, cfg):
+    """jit(train_step(train, frozen, batch) -> (train, metrics)) with the state's shardings, the
+    train state donated."""
+    objective = functools.partial(objectives.OBJECTIVES[cfg.objective], st.model, cfg=cfg.loss)
+    accum = int(cfg.grad_accum_steps)
+
+    def loss_of(trainable, frozen, micro, rng):
+        return objective(partition.merge(trainable, frozen), micro, rng)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def train_step(train, frozen, batch):
+        rng = jax.random.fold_in(train["rng"], train["step"])
+        params = train["params"]
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
+        else:  # microbatches in a scan: one optimizer update for the whole batch
+            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                (l, m), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+            (l_s, m_s), g_s = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l_s, m_s, g_s))
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, train["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # a non-finite step never reaches the weights; "stop" ends the run on the host after it
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        step = train["step"]
+        bad = jnp.where((train["bad_step"] < 0) & ~finite, step, train["bad_step"])
+        new_train = {"step": step + 1, "params": keep(new_params, params),
+                     "opt_state": keep(opt_state, train["opt_state"]), "rng": train["rng"], "bad_step": bad}
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+                   "learning_rate": optim.schedule(cfg.optim)(step), "skipped": (~finite).astype(jnp.int32)}
+        return new_train, metrics
+
+    train_sh = jax.tree.map(lambda x: x.sharding, st.train)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, st.frozen)
+    return jax.jit(train_step, in_shardings=(train_sh, frozen_sh, sharding.batch_sharding(st.mesh)),
+                   out_shardings=(train_sh, sharding.replicated(st.mesh)), donate_argnums=(0,))
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self.tb.add_scalar(name, value, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _checkpoint_manager(workdir: Path, cfg) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
+                                           enable_async_checkpointing=cfg.async_checkpointing, create=True)
+    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options,
+                                 item_names=("state", "data"))
+
+
+def _save_frozen(workdir: Path, frozen: dict, cfg):
+    """Frozen parameters are written once per run (or referenced to the converted checkpoint)."""
+    path = state_lib.frozen_dir(workdir)
+    if cfg.model.init_from or path.exists():
+        return
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.absolute(), frozen)
+
+
+def _restore_frozen(workdir: Path, frozen: dict) -> dict:
+    path = state_lib.frozen_dir(workdir).absolute()
+    if not path.exists():
+        return frozen
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target)
+
+
+def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Run (or resume) the training job `cfg` in `workdir`; returns the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    optimizer = optim.make_optimizer(cfg.optim)
+    draft = state_lib.model_config(cfg)
+    task = inputs.make_task(cfg, draft.vision.image_size, bool(draft.family and draft.family.encoder_decoder))
+    vocab = task.vocab()
+    if cfg.objective == "stage1":
+        cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]  # ITG's first token, [DEC]
+    st = state_lib.create(cfg, mesh, optimizer, vocab)
+    data = task.iterator(process_index=jax.process_index(), process_count=jax.process_count())
+    manager = _checkpoint_manager(workdir, cfg)
+
+    latest = manager.latest_step()
+    if latest is not None:  # resume: trainable state, optimizer, rng and data position
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st.train)
+        restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                   data=ocp.args.JsonRestore()))
+        st.train = restored["state"]
+        inputs.restore_iterator(data, restored["data"])
+        st.frozen = _restore_frozen(workdir, st.frozen)
+    else:
+        _save_frozen(workdir, st.frozen, cfg)
+
+    step_fn = make_train_step(st, optimizer, cfg)
+    writer = MetricsWriter(workdir)
+    start = int(st.train["step"])
+    total = int(cfg.total_steps)
+    batch_size = int(cfg.batch_size)
+    last = {}
+    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {cfg.objective}",
+               disable=not progress or jax.process_index() != 0)
+    t0, logged_at = time.time(), start
+    try:
+        for step in range(start, total):
+            batch = task.global_batch(next(data), mesh)
+            st.train, metrics = step_fn(st.train, st.frozen, batch)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = max(time.time() - t0, 1e-9)
+                values["steps_per_sec"] = (done - logged_at) / dt
+                values["examples_per_sec"] = values["steps_per_sec"] * batch_size
+                t0, logged_at = time.time(), done
+                writer.write(done, values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                last = {"step": done, **values}
+                _check_finite(st.train, cfg)
+            bar.update(1)
+            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(st.train),
+                                                       data=ocp.args.JsonSave(inputs.iterator_state(data))),
+                         force=done == total)
+        _check_finite(st.train, cfg)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        bar.close()
+    return last
+
+
+def _check_finite(train: dict, cfg):
+    bad = int(train["bad_step"])
+    if bad >= 0 and cfg.nonfinite == "stop":
+        raise NonFiniteLossError(f"the loss or gradient norm is not finite at step {bad} (counting from 0); the "
+                                 "update was not applied. Set --config.nonfinite=skip to skip such steps instead.")
