@@ -15,9 +15,11 @@ to a multiple of 8 tokens as `Blip2Model._llm_tokens` does. PyTorch runs `model.
 input_ids, attention_mask, ...)` under `torch.inference_mode`, with input_ids = 32 `<image>` tokens +
 the same prompt (bos + 3 tokens), what a transformers v5 processor builds. Both sides use
 `min_new_tokens = max_new_tokens`, so they emit exactly the same number of tokens; the new token ids
-of both sides are compared. JAX times exclude compilation (one warm-up call at least); the compile
-time (first call minus the steady-state median) is reported separately. Ratios are
-pytorch_time / jax_time: > 1 means JAX is faster.
+of both sides are compared. Timings are the median of --iters calls after --warmup calls, the timed
+calls of the two sides alternating (JAX, PyTorch, JAX, ...) so that a change of machine load hits
+both alike. JAX times exclude compilation (one warm-up call at least); the compile time (first call
+minus the steady-state median) is reported separately. Ratios are pytorch_time / jax_time: > 1
+means JAX is faster.
 
 `--breakdown` also times the pieces on both sides (vision tower, Q-Former + projection, language
 model generation with max_new_tokens=N and =1; the difference gives the cost of one decode step).
@@ -110,19 +112,25 @@ def parse_args(argv=None):
     return args
 
 
-def timed(fn, warmup: int, iters: int):
-    """(result of the first call, first-call seconds, [seconds of each timed call])."""
-    t0 = time.perf_counter()
-    first = fn()
-    first_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(iters):
+def timed_pair(fn_a, fn_b, warmup: int, iters: int):
+    """Time two functions: each is called once (its first call timed alone: compilation) and
+    warmup - 1 more times, then `iters` timed calls alternate a, b, a, b, ... so that a change of
+    machine load during the run affects both sides alike.
+    -> ((result of the first call, first-call seconds, [seconds of each timed call]) of a, same of b)."""
+    out = []
+    for fn in (fn_a, fn_b):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, first_s, times
+        first = fn()
+        first_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            fn()
+        out.append((first, first_s, []))
+    for _ in range(iters):
+        for fn, (_, _, times) in zip((fn_a, fn_b), out):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return out[0], out[1]
 
 
 def device_name(jax) -> str:
@@ -270,8 +278,8 @@ def main(argv=None) -> dict:
             return out[:, hf_ids.shape[1]:].numpy()  # new tokens only
 
         print(f"{task}: batch {b}, {beams} beam(s), {n_new} new tokens", flush=True)
-        jax_ids, jax_first, jax_times = timed(run_jax, args.warmup, args.iters)
-        torch_ids, torch_first, torch_times = timed(run_torch, args.warmup, args.iters)
+        (jax_ids, jax_first, jax_times), (torch_ids, torch_first, torch_times) = timed_pair(
+            run_jax, run_torch, args.warmup, args.iters)
         same_shape = jax_ids.shape == torch_ids.shape
         matches = int((jax_ids == torch_ids).all(1).sum()) if same_shape else 0
         distinct = len({tuple(r) for r in jax_ids.tolist()})
@@ -287,8 +295,9 @@ def main(argv=None) -> dict:
     if args.breakdown:
         print("breakdown (median ms per batch)", flush=True)
 
-        def med(fn):
-            return 1e3 * statistics.median(timed(fn, args.warmup, args.iters)[2])
+        def both(fn_jax, fn_torch):
+            (_, _, tj), (_, _, tt) = timed_pair(fn_jax, fn_torch, args.warmup, args.iters)
+            return dict(jax_ms=1e3 * statistics.median(tj), torch_ms=1e3 * statistics.median(tt))
 
         embeds_j = _encode_image(cfg, params, pixels_j)
         prefix_j = _language_prefix(cfg, params, embeds_j, None, None)
@@ -322,14 +331,13 @@ def main(argv=None) -> dict:
             gc = gen_config(beams, new)
             return lambda: generate_tokens(cfg, params, prefix_j, ids_j, mask_j, gc)
 
-        breakdown["vision"] = dict(jax_ms=med(lambda: np.asarray(_encode_image(cfg, params, pixels_j))),
-                                   torch_ms=med(torch_vision))
-        breakdown["qformer"] = dict(jax_ms=med(lambda: np.asarray(_language_prefix(cfg, params, embeds_j, None, None))),
-                                    torch_ms=med(torch_qformer))
+        breakdown["vision"] = both(lambda: np.asarray(_encode_image(cfg, params, pixels_j)), torch_vision)
+        breakdown["qformer"] = both(lambda: np.asarray(_language_prefix(cfg, params, embeds_j, None, None)),
+                                    torch_qformer)
         for task in args.tasks:
             beams = BEAMS[task]
-            full = dict(jax_ms=med(jax_llm(beams, n_new)), torch_ms=med(torch_llm(beams, n_new)))
-            one = dict(jax_ms=med(jax_llm(beams, 1)), torch_ms=med(torch_llm(beams, 1)))
+            full = both(jax_llm(beams, n_new), torch_llm(beams, n_new))
+            one = both(jax_llm(beams, 1), torch_llm(beams, 1))
             step = {k: (full[k] - one[k]) / (n_new - 1) for k in full}
             breakdown[f"llm_{task}"] = full
             breakdown[f"llm_{task}_prefill_plus_1_token"] = one

@@ -2,7 +2,7 @@
 
 `write_tiny_checkpoint(dir, "caption" | "retrieval" | "vqa")` writes a complete transformers model
 directory laid out like the Salesforce/blip-* checkpoints (config.json, weights, tokenizer files,
-preprocessor_config.json) but a few hundred kB in size: a 248-entry BERT-style vocabulary (250 tokens with [DEC]/[ENC]) and a
+preprocessor_config.json) but a few hundred kB in size: a 264-entry BERT-style vocabulary (266 tokens with [DEC]/[ENC]) and a
 32-wide, 2-layer model. Only this function needs torch and transformers, imported lazily, so the
 module itself (and `sample_images`, `TINY_TEXTS`, `TINY_QUESTIONS`) imports without them.
 """
@@ -39,7 +39,9 @@ park building clock tv laptop phone ball frisbee kite umbrella bag hat shirt pic
 close view large small big little old young white black red blue green yellow brown gray grey
 pink purple dark bright sitting standing walking running riding playing eating holding looking
 lying flying parked wearing laying sits stands walks rides holds
-""".split()
+circle circles square squares triangle triangles zero answer question caption describe briefly short show
+word write
+""".split()  # the last lines: the words of blip_jax.data.synthetic, so tiny models can train on it
 _SUFFIXES = ["##s", "##es", "##ed", "##ing", "##er", "##ly", "##y", "##n", "##al", "##e"]
 VOCAB = list(dict.fromkeys(_SPECIALS + _PUNCT + _WORDS + _SUFFIXES))  # de-duplicated, order kept
 

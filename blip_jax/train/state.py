@@ -114,10 +114,13 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
     with nn.logical_axis_rules(rules):
         params, shardings, _ = init_params(config, mesh, rules, init_rng, cfg.model.init_from)
     trainable, frozen = partition.split(params, cfg.trainable)
-    with mesh:
+    with mesh:  # optimizer moments take their parameters' shardings (propagated through zeros_like)
         opt_state = jax.jit(optimizer.init)(trainable)
-    train = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state, "rng": train_rng,
-             "bad_step": jnp.full((), -1, jnp.int32)}
+    replicated = sharding.replicated(mesh)
+    scalars = {"step": jnp.zeros((), jnp.int32), "rng": train_rng, "bad_step": jnp.full((), -1, jnp.int32)}
+    train = {"params": trainable, "opt_state": opt_state, **jax.device_put(scalars, replicated)}
+    # committed arrays: the train step then sees the same input placements at every call (one compile)
+    train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
     return ModelState(Blip2(config), config, train, frozen, shardings, mesh)
 
 

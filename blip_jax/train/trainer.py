@@ -179,9 +179,10 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 last = {"step": done, **values}
                 _check_finite(st.train, cfg)
             bar.update(1)
-            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(st.train),
-                                                       data=ocp.args.JsonSave(inputs.iterator_state(data))),
-                         force=done == total)
+            if done % cfg.checkpoint_every == 0 or done == total:
+                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(st.train),
+                                                           data=ocp.args.JsonSave(inputs.iterator_state(data))),
+                             force=True)
         _check_finite(st.train, cfg)
     finally:
         manager.wait_until_finished()

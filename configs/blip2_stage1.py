@@ -1,0 +1,24 @@
+"""BLIP-2 stage 1: ITC + ITM + ITG on the Q-Former over a frozen ViT (no LLM).
+
+    blip-jax train --config=configs/blip2_stage1.py:tiny --workdir=/tmp/stage1
+"""
+
+from blip_jax.train import defaults
+
+
+def get_config(arg: str = "tiny"):
+    c = defaults.base()
+    c.objective = "stage1"
+    c.model.architecture = "retrieval"
+    c.model.llm_family = ""
+    c.model.qformer.use_qformer_text_input = True
+    if arg == "tiny":
+        return defaults.tiny(c)
+    if arg in ("vitg", "vitl"):  # the paper: 250k steps, batch 1680 (ViT-g) / 2320 (ViT-L), fp16 ViT
+        c.batch_size = 1680 if arg == "vitg" else 2320
+        c.total_steps = 250_000
+        c.optim.update(lr=1e-4, min_lr=1e-5, warmup_steps=2000, decay_steps=250_000)
+        c.model.update(frozen_dtype="bfloat16", dtype="bfloat16", scan_layers=True)
+        c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        return c
+    raise ValueError(f"unknown preset {arg!r}: tiny, vitg, vitl")

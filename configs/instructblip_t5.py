@@ -1,0 +1,26 @@
+"""InstructBLIP with Flan-T5: instruction tuning; the instruction enters the Q-Former and the T5
+encoder, the output is the decoder's target. Only the Q-Former (+ queries, projection) trains.
+
+    blip-jax train --config=configs/instructblip_t5.py:tiny --workdir=/tmp/ib_t5
+"""
+
+from blip_jax.train import defaults
+
+
+def get_config(arg: str = "tiny"):
+    c = defaults.base()
+    c.objective = "lm"
+    c.model.llm_family = "t5"
+    c.model.instruct = True
+    c.model.qformer.use_qformer_text_input = True
+    if arg == "tiny":
+        return defaults.tiny(c)
+    if arg in ("vitg_flant5xl", "vitg_flant5xxl"):  # the paper: batch 192 (XL) / 64 (XXL), lr 1e-5
+        c.batch_size = 192 if arg == "vitg_flant5xl" else 64
+        c.total_steps = 60_000
+        c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, decay_steps=60_000)
+        c.model.update(frozen_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat_policy="dots")
+        c.data.max_text_len = 128
+        c.mesh = dict(data=1, fsdp=-1, tensor=1)
+        return c
+    raise ValueError(f"unknown preset {arg!r}: tiny, vitg_flant5xl, vitg_flant5xxl")
