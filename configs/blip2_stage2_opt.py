@@ -14,6 +14,7 @@ def get_config(arg: str = "tiny"):
     if arg == "tiny":
         return defaults.tiny(c)
     if arg in ("vitg_opt2.7b", "vitg_opt6.7b"):  # the paper: 80k steps, batch 1920, lr 1e-4 -> 5e-5, fp16 frozen
+        c.model.llm = defaults.PAPER_LLMS[arg.removeprefix("vitg_")]
         c.batch_size = 1920
         c.total_steps = 80_000
         c.optim.update(lr=1e-4, min_lr=5e-5, warmup_steps=2000, decay_steps=80_000)

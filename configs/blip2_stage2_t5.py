@@ -15,6 +15,7 @@ def get_config(arg: str = "tiny"):
     if arg == "tiny":
         return defaults.tiny(c)
     if arg in ("vitg_flant5xl", "vitg_flant5xxl"):  # the paper: 80k steps, batch 1520, bf16 T5
+        c.model.llm = defaults.PAPER_LLMS[arg.removeprefix("vitg_")]
         c.batch_size = 1520
         c.total_steps = 80_000
         c.optim.update(lr=1e-4, min_lr=5e-5, warmup_steps=2000, decay_steps=80_000)

@@ -16,6 +16,7 @@ def get_config(arg: str = "tiny"):
     if arg == "tiny":
         return defaults.tiny(c)
     if arg in ("vitg_flant5xl", "vitg_flant5xxl"):  # the paper: batch 192 (XL) / 64 (XXL), lr 1e-5
+        c.model.llm = defaults.PAPER_LLMS[arg.removeprefix("vitg_")]
         c.batch_size = 192 if arg == "vitg_flant5xl" else 64
         c.total_steps = 60_000
         c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, decay_steps=60_000)

@@ -17,6 +17,7 @@ def get_config(arg: str = "tiny"):
     if arg == "tiny":
         return defaults.tiny(c)
     if arg in ("vitg_vicuna7b", "vitg_vicuna13b"):  # the paper: up to 60k steps, batch 128 (7B) / 64 (13B)
+        c.model.llm = defaults.PAPER_LLMS[arg.removeprefix("vitg_")]
         c.batch_size = 128 if arg == "vitg_vicuna7b" else 64
         c.total_steps = 60_000
         c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, decay_steps=60_000)

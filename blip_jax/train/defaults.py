@@ -13,6 +13,23 @@ TRAINABLE = (r"^ln_vision/", r"^query_tokens$", r"^qformer", r"^language_project
              r"^text_projection/", r"^itm_head/", r"^itg_", r"^temp$")
 
 
+# The papers' frozen LLMs (blip_jax.models.llm field names), for random-init presets and dry runs;
+# with `model.init_from` the converted checkpoint's own config is used instead.
+PAPER_LLMS = {
+    "opt2.7b": dict(vocab_size=50272, hidden_size=2560, num_layers=32, num_heads=32, ffn_dim=10240),
+    "opt6.7b": dict(vocab_size=50272, hidden_size=4096, num_layers=32, num_heads=32, ffn_dim=16384),
+    # BLIP-2's Flan-T5 runs its gated FFN with exact GELU
+    "flant5xl": dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                     activation="gelu", gated=True, tie_word_embeddings=False, dropout=0.0),
+    "flant5xxl": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      activation="gelu", gated=True, tie_word_embeddings=False, dropout=0.0),
+    "vicuna7b": dict(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                     max_position_embeddings=2048),
+    "vicuna13b": dict(vocab_size=32001, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                      max_position_embeddings=2048),
+}
+
+
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.objective = "lm"  # stage1 | lm

@@ -129,6 +129,19 @@ class Task:
         return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
 
 
+def batch_shapes(cfg, image_size: int, encoder_decoder: bool) -> dict:
+    """The global batch `Task.transform` produces, as ShapeDtypeStructs (for ahead-of-time compiles)."""
+    b, length = cfg.batch_size, cfg.data.max_text_len
+    tokens = jax.ShapeDtypeStruct((b, length), np.int32)
+    out = {"pixels": jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32)}
+    if cfg.objective == "stage1":
+        return {**out, "text_ids": tokens, "text_mask": tokens}
+    if cfg.model.instruct:
+        out.update(qformer_ids=tokens, qformer_mask=tokens)
+    names = ("ids", "mask", "targets", "target_mask") if encoder_decoder else ("ids", "mask", "loss_mask")
+    return {**out, **{n: tokens for n in names}}
+
+
 def make_task(cfg, image_size: int, encoder_decoder: bool) -> Task:
     d = cfg.data
     if d.name != "synthetic":

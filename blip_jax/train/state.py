@@ -114,14 +114,29 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
     with nn.logical_axis_rules(rules):
         params, shardings, _ = init_params(config, mesh, rules, init_rng, cfg.model.init_from)
     trainable, frozen = partition.split(params, cfg.trainable)
-    with mesh:  # optimizer moments take their parameters' shardings (propagated through zeros_like)
-        opt_state = jax.jit(optimizer.init)(trainable)
+    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, trainable), jax.tree.map(lambda x: x.sharding,
+                                                                                          trainable), mesh)
+    with mesh:
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
     replicated = sharding.replicated(mesh)
     scalars = {"step": jnp.zeros((), jnp.int32), "rng": train_rng, "bad_step": jnp.full((), -1, jnp.int32)}
     train = {"params": trainable, "opt_state": opt_state, **jax.device_put(scalars, replicated)}
     # committed arrays: the train step then sees the same input placements at every call (one compile)
     train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
     return ModelState(Blip2(config), config, train, frozen, shardings, mesh)
+
+
+def opt_state_shardings(opt_state, param_shardings, mesh: Mesh):
+    """Each optimizer-state leaf that mirrors a parameter (Adam's moments) takes that parameter's
+    sharding; the rest (step counts) is replicated."""
+    by_path = _flat(param_shardings)
+    replicated = sharding.replicated(mesh)
+
+    def pick(path, _):
+        keys = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        return by_path.get(keys, replicated)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def frozen_dir(workdir: str | Path) -> Path:

@@ -28,10 +28,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite."""
 
 
-def make_train_step(st: state_lib.ModelState, optimizer: optax.GradientTransformation, cfg):
-    """jit(train_step(train, frozen, batch) -> (train, metrics)) with the state's shardings, the
-    train state donated."""
-    objective = functools.partial(objectives.OBJECTIVES[cfg.objective], st.model, cfg=cfg.loss)
+def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, train_shardings, frozen_shardings):
+    """jit(train_step(train, frozen, batch) -> (train, metrics)) with these shardings, the train state
+    donated."""
+    objective = functools.partial(objectives.OBJECTIVES[cfg.objective], model, cfg=cfg.loss)
     accum = int(cfg.grad_accum_steps)
 
     def loss_of(trainable, frozen, micro, rng):
@@ -70,10 +70,12 @@ def make_train_step(st: state_lib.ModelState, optimizer: optax.GradientTransform
                    "learning_rate": optim.schedule(cfg.optim)(step), "skipped": (~finite).astype(jnp.int32)}
         return new_train, metrics
 
-    train_sh = jax.tree.map(lambda x: x.sharding, st.train)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, st.frozen)
-    return jax.jit(train_step, in_shardings=(train_sh, frozen_sh, sharding.batch_sharding(st.mesh)),
-                   out_shardings=(train_sh, sharding.replicated(st.mesh)), donate_argnums=(0,))
+    return jax.jit(train_step, in_shardings=(train_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(train_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 class MetricsWriter:
@@ -154,7 +156,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     else:
         _save_frozen(workdir, st.frozen, cfg)
 
-    step_fn = make_train_step(st, optimizer, cfg)
+    step_fn = make_train_step(st.model, optimizer, cfg, mesh, shardings_of(st.train), shardings_of(st.frozen))
     writer = MetricsWriter(workdir)
     start = int(st.train["step"])
     total = int(cfg.total_steps)
