@@ -27,3 +27,16 @@ def test_blip2_opt_benchmark_smoke(tmp_path):
     assert set(results) == {"greedy", "beam5"}
     assert results["greedy"]["all_identical"] and results["beam5"]["all_identical"]
     assert all(r["ratio"] > 0 for r in results.values())
+
+
+def test_blip2_train_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_blip2_train.py"), "--small", "--iters", "1",
+                    "--warmup", "1", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"unrolled", "scan"}
+    assert report["loss_agrees"]
+    assert all(r["first_loss_rel_diff"] < 1e-4 for r in results.values())
+    assert all(r["ratio"] > 0 for r in results.values())
+    assert report["headline_layout"] in results and report["ratio"] > 0

@@ -19,9 +19,11 @@ PAPER_LLMS = {
     "opt2.7b": dict(vocab_size=50272, hidden_size=2560, num_layers=32, num_heads=32, ffn_dim=10240),
     "opt6.7b": dict(vocab_size=50272, hidden_size=4096, num_layers=32, num_heads=32, ffn_dim=16384),
     # BLIP-2's Flan-T5 runs its gated FFN with exact GELU
-    "flant5xl": dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+    "flant5xl": dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                     num_heads=32,
                      activation="gelu", gated=True, tie_word_embeddings=False, dropout=0.0),
-    "flant5xxl": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    "flant5xxl": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
+                      num_heads=64,
                       activation="gelu", gated=True, tie_word_embeddings=False, dropout=0.0),
     "vicuna7b": dict(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                      max_position_embeddings=2048),

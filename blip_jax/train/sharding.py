@@ -63,9 +63,20 @@ def rules_from_config(rules) -> tuple:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
-    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. `jax.eval_shape(init)`)."""
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. `jax.eval_shape(init)`).
+    A dimension its mesh axes do not divide (e.g. Vicuna's 32001-token vocabulary over `tensor`) is
+    replicated instead: parameters must split evenly to be placed."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return jax.tree.map(lambda sh, x: divisible(sh, x.shape), shardings, nn.unbox(boxed_tree))
+
+
+def divisible(sh: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """`sh` with the mesh axes of every dimension of `shape` they do not divide dropped."""
+    spec = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
+    size = lambda axes: math.prod(sh.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))  # noqa: E731
+    fixed = [None if axes is not None and dim % size(axes) else axes for axes, dim in zip(spec, shape)]
+    return sh if fixed == spec else NamedSharding(sh.mesh, PartitionSpec(*fixed), memory_kind=sh.memory_kind)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

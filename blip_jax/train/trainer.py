@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import linen as nn
 from tqdm import tqdm
 
 from blip_jax.train import inputs, objectives, optim, partition, sharding
@@ -39,7 +40,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
+    rules = sharding.rules_from_config(cfg.rules)
+
     def train_step(train, frozen, batch):
+        # the models' activation constraints resolve against this mesh and rules while tracing
+        with mesh, nn.logical_axis_rules(rules):
+            return _train_step(train, frozen, batch)
+
+    def _train_step(train, frozen, batch):
         rng = jax.random.fold_in(train["rng"], train["step"])
         params = train["params"]
         if accum == 1:
