@@ -12,8 +12,13 @@ def get_config(arg: str = "tiny"):
     c.model.architecture = "retrieval"
     c.model.llm_family = ""
     c.model.qformer.use_qformer_text_input = True
-    if arg == "tiny":
-        return defaults.tiny(c)
+    if arg == "tiny":  # ~40 s on 2 CPU cores; ends with held-out ITC R@1 about 4x chance
+        c = defaults.tiny(c)
+        c.total_steps = 1000
+        c.optim.update(lr=2e-3, decay_steps=1000)
+        c.log_every = 100
+        c.checkpoint_every = 500
+        return c
     if arg in ("vitg", "vitl"):  # the paper: 250k steps, batch 1680 (ViT-g) / 2320 (ViT-L), fp16 ViT
         c.batch_size = 1680 if arg == "vitg" else 2320
         c.total_steps = 250_000

@@ -44,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.nonfinite = "stop"  # stop | skip
+    c.report = True  # end with what the model learned on held-out synthetic records (W/report.json)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.trainable = list(TRAINABLE)

@@ -90,4 +90,12 @@ def language_modeling(model: Blip2, params, batch, rng, cfg):
     return lm, {"lm": lm}
 
 
+def lm_weight(batch):
+    """What `language_modeling` averages over: the batch's number of target tokens."""
+    return jnp.sum(batch["target_mask" if "target_mask" in batch else "loss_mask"] > 0)
+
+
 OBJECTIVES = {"stage1": stage1, "lm": language_modeling}
+# each objective's weight of a microbatch in gradient accumulation (None: equal weights; stage 1's
+# contrastive and matching losses see the microbatch's in-batch negatives only, whatever the weights)
+WEIGHTS = {"stage1": None, "lm": lm_weight}

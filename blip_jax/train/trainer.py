@@ -54,16 +54,22 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
             (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
         else:  # microbatches in a scan: one optimizer update for the whole batch
             micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+            # each microbatch's mean weighs what it averages over (the LM loss: its target tokens), so
+            # the accumulated loss and gradient are the whole batch's, not a mean of means
+            weight_of = objectives.WEIGHTS.get(cfg.objective) or (lambda mb: 1.0)
 
             def body(carry, xs):
                 i, mb = xs
                 (l, m), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (l, m, g)), None
+                w = jnp.asarray(weight_of(mb), jnp.float32)
+                return jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry, (l, m, g, 1.0)), None
 
             (l_s, m_s), g_s = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l_s, m_s, g_s))
-            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+            (loss, metrics, grads, total), _ = jax.lax.scan(body, (*zeros, jnp.zeros((), jnp.float32)),
+                                                            (jnp.arange(accum), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: (x / jnp.maximum(total, 1e-12)).astype(x.dtype),
+                                                (loss, metrics, grads))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, train["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -194,6 +200,11 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                                                            data=ocp.args.JsonSave(inputs.iterator_state(data))),
                              force=True)
         _check_finite(st.train, cfg)
+        if cfg.report and jax.process_count() == 1:
+            from blip_jax.train.report import report
+
+            last["report"] = report(cfg, st, task)
+            (workdir / "report.json").write_text(json.dumps(last["report"], indent=2) + "\n")
     finally:
         manager.wait_until_finished()
         manager.close()
