@@ -2,8 +2,9 @@
 
 absl flags with ml_collections config files (big_vision's convention). Rerunning the same command
 resumes from the latest checkpoint in W. In a multi-process job (TPU pod, SLURM, localhost) every
-process runs the same command; `--coordinator`, `--num_processes` and `--process_id` (or the
-environment a cluster sets) connect them through `jax.distributed.initialize`.
+process runs the same command; `--coordinator`, `--num_processes` and `--process_id` (or, with
+`--distributed`, the environment a cluster sets: TPU pods, SLURM) connect them through
+`jax.distributed.initialize`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl,
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs)", flag_values=FLAGS)
 flags.DEFINE_integer("num_processes", None, "processes in the job (multi-process runs)", flag_values=FLAGS)
 flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)", flag_values=FLAGS)
+flags.DEFINE_bool("distributed", False, "multi-process run whose cluster environment names the coordinator "
+                  "(TPU pod, SLURM, Open MPI): jax.distributed.initialize() without arguments", flag_values=FLAGS)
 flags.DEFINE_bool("cpu_collectives", False, "use gloo collectives between CPU processes", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "compile the train step for the mesh, print memory and FLOPs, and exit",
                   flag_values=FLAGS)
@@ -37,6 +40,8 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if FLAGS.coordinator or FLAGS.num_processes:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
     from blip_jax.train import trainer
 
     if FLAGS.dry_run:
