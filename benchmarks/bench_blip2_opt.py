@@ -24,7 +24,7 @@ means JAX is faster.
 `--breakdown` also times the pieces on both sides (vision tower, Q-Former + projection, language
 model generation with max_new_tokens=N and =1; the difference gives the cost of one decode step).
 
-    python benchmarks/bench_blip2_opt.py --breakdown                      # default size, ~10 min on 2 cores
+    python benchmarks/bench_blip2_opt.py --breakdown                      # default size, ~3-5 min on 2 cores
     python benchmarks/bench_blip2_opt.py --small --iters 1 --warmup 1     # smoke run, < 1 min
 """
 
