@@ -19,6 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["blip_jax", "blip_jax.*"]),
+    package_data={"blip_jax.data": ["*.json"]},
     install_requires=REQUIREMENTS,
     extras_require={
         "convert": CONVERT,

@@ -23,9 +23,8 @@ from blip_jax.api import TEXT_PAD_MULTIPLE, BlipModel, UnsupportedTaskError, _as
 from blip_jax.images import ImageProcessor
 from blip_jax.models.blip2 import Blip2, Blip2Config
 from blip_jax.models.config import DTYPES
-from blip_jax.text import BlipTokenizer
+from blip_jax.text import QFORMER_TOKENIZER, BlipTokenizer
 
-QFORMER_TOKENIZER = "qformer_tokenizer"
 
 # Prompts and decoding settings of the papers / LAVIS evaluation configs, by model kind
 # (see `_kind`); every option can be overridden per call.

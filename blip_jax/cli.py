@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo, and train (blip_jax.train.main).
+"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo, data, and train (blip_jax.train.main).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -146,6 +146,68 @@ def cmd_demo(args) -> int:
     return 0
 
 
+SOURCE_FLAGS = {  # flag -> help; each is a field of blip_jax.data.sources' source settings
+    "kind": "synthetic | json | webdataset | tfds | packed",
+    "path": "annotation file (json), shard directory / glob / .tar (webdataset), or packed directory",
+    "image_root": "json: folder the annotations' image paths are relative to",
+    "layout": "json: auto | lavis | jsonl | karpathy | coco | vqa | gqa | vg_regions",
+    "split": "karpathy / tfds split (karpathy 'train' includes restval)",
+    "annotations": "json, layout vqa: the answers file",
+    "image_pattern": "json, layout vqa: image file name pattern",
+    "tfds_name": "tfds: dataset name (prepared beforehand under --data-dir)",
+    "data_dir": "tfds: data directory",
+    "task": "the records' task family (caption, vqa, ...)",
+    "num_records": "synthetic: number of records",
+}
+
+
+def _source_spec(args) -> dict:
+    spec = {k: getattr(args, k) for k in SOURCE_FLAGS if getattr(args, k) is not None}
+    if args.keep_caption_lists:
+        spec["expand_captions"] = False
+    return spec
+
+
+def cmd_data_check(args) -> int:
+    from blip_jax.data.check import check
+
+    _emit(args, check(_source_spec(args), image_size=args.image_size, augment=args.augment, limit=args.limit,
+                      worker_count=args.workers))
+    return 0
+
+
+def cmd_data_pack(args) -> int:
+    from blip_jax.data.packed import pack
+    from blip_jax.data.sources import build_source
+
+    _emit(args, pack(build_source(_source_spec(args)), args.out, records_per_shard=args.records_per_shard,
+                     verify=not args.no_verify, overwrite=args.overwrite))
+    return 0
+
+
+def _add_data_commands(sub):
+    data = sub.add_parser("data", help="inspect and pack training data").add_subparsers(dest="data_command",
+                                                                                         required=True)
+    check = data.add_parser("check", help="run a source through the full input pipeline and count bad records")
+    pack = data.add_parser("pack", help="convert a source to ArrayRecord shards for fast random access")
+    for p in (check, pack):
+        for name, text in SOURCE_FLAGS.items():
+            p.add_argument("--" + name.replace("_", "-"), type=int if name == "num_records" else str, help=text)
+        p.add_argument("--keep-caption-lists", action="store_true",
+                       help="one record per image with all its captions (default: one per caption, except tfds)")
+        p.add_argument("--output", help="also write the summary to this JSON file")
+    check.add_argument("--image-size", type=int, default=224)
+    check.add_argument("--augment", default="eval", help="blip2_train | blip_train | eval")
+    check.add_argument("--limit", type=int, default=0, help="check only the first N records")
+    check.add_argument("--workers", type=int, default=0, help="grain worker processes")
+    check.set_defaults(func=cmd_data_check)
+    pack.add_argument("out", help="directory to create")
+    pack.add_argument("--records-per-shard", type=int, default=10_000)
+    pack.add_argument("--no-verify", action="store_true", help="do not decode images while packing")
+    pack.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    pack.set_defaults(func=cmd_data_pack)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="blip_jax_demo", help="where the demo writes its files")
     p.add_argument("--output", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_demo)
+    _add_data_commands(sub)
     return parser
 
 

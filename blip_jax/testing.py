@@ -259,3 +259,78 @@ def write_tiny_blip2_checkpoint(directory: str | os.PathLike, kind: str = "opt",
     for name in ["config.json", "model.safetensors", "preprocessor_config.json"]:
         assert (directory / name).is_file(), f"{name} was not written to {directory}"
     return directory
+
+
+# ---------------------------------------------------------------------------- data fixtures
+BAD_IMAGE_FILES = {  # file name -> the reason the pipeline must give when it reads that file
+    "zero_bytes.jpg": "empty_file",
+    "truncated.jpg": "corrupt_image",
+    "garbage.png": "corrupt_image",
+    "missing.jpg": "missing_file",
+}
+CONVERTED_MODES = ("L", "1", "LA", "RGBA", "P", "P+transparency", "CMYK", "I;16")  # must be converted, not skipped
+
+
+def _encode(image, fmt: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def odd_images(seed: int = 0, size: int = 24) -> dict[str, bytes]:
+    """Encoded images in the modes real datasets contain, name -> bytes (all decodable)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+    base = Image.fromarray(rgb)
+    out = {"rgb.jpg": _encode(base, "JPEG"), "rgb.png": _encode(base, "PNG")}
+    for mode in CONVERTED_MODES:
+        if mode == "I;16":
+            image = Image.fromarray(rng.integers(0, 65536, (size, size), dtype=np.uint16))
+        else:
+            image = base.convert(mode.split("+")[0])
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        options = {"transparency": 0} if mode.endswith("transparency") else {}
+        name = f"mode_{mode.replace(';', '_').replace('+', '_')}.{fmt.lower().replace('jpeg', 'jpg')}"
+        out[name] = _encode(image, fmt, **options)
+    return out
+
+
+def write_caption_folder(root: str | os.PathLike, *, seed: int = 0, size: int = 24) -> dict:
+    """A COCO-style folder for data tests: images/ with good images of every mode and each kind of
+    bad file, plus LAVIS-layout annotations (`train.json`, one caption per entry, some bad texts).
+
+    Returns {"annotations": path, "image_root": path, "good": [image_id of records that must
+    arrive], "skipped": {reason: count the pipeline must report}}.
+    """
+    root = Path(root)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    good_files = odd_images(seed, size)
+    for name, data in good_files.items():
+        (images / name).write_bytes(data)
+    jpeg = good_files["rgb.jpg"]
+    (images / "zero_bytes.jpg").write_bytes(b"")
+    (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (images / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    entries, good, skipped = [], [], {}
+    for name in good_files:
+        entries.append({"image": name, "caption": f"A photo: {name.split('.')[0].replace('_', ' ')}!",
+                        "image_id": f"good/{name}"})
+        good.append(f"good/{name}")
+    for name, reason in BAD_IMAGE_FILES.items():
+        entries.append({"image": name, "caption": "a fine caption", "image_id": f"bad/{name}"})
+        skipped[reason] = skipped.get(reason, 0) + 1
+    for i, text in enumerate(["", "   ", "...", 42, None]):  # empty, blank, nothing left after cleaning, not text
+        entries.append({"image": "rgb.jpg", "caption": text, "image_id": f"bad/text{i}"})
+    skipped["bad_text"] = 4  # the caption None leaves the entry without text: malformed, counted at load
+    skipped["malformed_json"] = 2
+    entries.append({"caption": "an entry without an image", "image_id": "bad/noimage"})
+    path = root / "train.json"
+    import json
+
+    path.write_text(json.dumps(entries))
+    return {"annotations": str(path), "image_root": str(images), "good": good, "skipped": skipped}

@@ -24,6 +24,8 @@ from tokenizers.models import WordPiece
 
 # transformers' "no limit" sentinel for model_max_length
 VERY_LARGE_INTEGER = int(1e30)
+# InstructBLIP checkpoints keep the Q-Former's BERT tokenizer in this subdirectory.
+QFORMER_TOKENIZER = "qformer_tokenizer"
 # transformers' SPECIAL_TOKENS_ATTRIBUTES order: missing special tokens are appended in this
 # order, followed by the additional/extra special tokens ([DEC] -> 30522, then [ENC] -> 30523).
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

@@ -24,8 +24,8 @@ from blip_jax.convert.mapping import expected_params, map_weights
 from blip_jax.convert.reader import CheckpointReader
 from blip_jax.models.blip import param_shapes
 from blip_jax.models.layout import stack_layers
+from blip_jax.text import QFORMER_TOKENIZER
 
-QFORMER_TOKENIZER = "qformer_tokenizer"
 # Files a model directory needs beside the weights: tokenizer and image preprocessing.
 SIDE_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "preprocessor_config.json", "processor_config.json", "generation_config.json")

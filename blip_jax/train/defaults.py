@@ -32,6 +32,31 @@ PAPER_LLMS = {
 }
 
 
+def source_defaults() -> dict:
+    """One source's settings (`blip_jax.data.sources`); also each entry of `data.mixture`."""
+    return dict(kind="synthetic", path="", image_root="", layout="auto", split="train", annotations="",
+                image_pattern="", tfds_name="", data_dir="", task="", expand_captions="auto",
+                num_records=10_000, image_size=64)  # the last two: synthetic data only
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+    """Where records come from and how they become model inputs (`blip_jax.train.inputs`)."""
+    return ml_collections.ConfigDict(dict(
+        **source_defaults(),
+        seed=0,
+        mixture={},  # name -> source settings plus `weight`; when set, replaces the source above
+        balance="ratio",  # ratio | sqrt (InstructBLIP) | size
+        augment="blip2_train",  # blip2_train | blip_train (RandAugment) | eval
+        min_scale=0.5,  # random resized crop scale range [min_scale, 1]
+        max_words=50,  # captions and questions are cut to this many words
+        prompt="",  # prefix of every cleaned caption (BLIP's "a picture of ")
+        instruction_family="",  # template family for InstructBLIP; empty: each record's task decides
+        max_text_len=32,
+        read_threads=2,  # threads preparing records ahead in each process
+        worker_count=0,  # grain worker processes decoding images; 0: in-process
+    ))
+
+
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.objective = "lm"  # stage1 | lm
@@ -51,7 +76,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim = dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, decay_steps=100, b1=0.9, b2=0.98, eps=1e-8,
                    weight_decay=0.05, clip_norm=0.0)
     c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1)
-    c.data = dict(name="synthetic", num_records=10_000, seed=0, image_size=64, max_text_len=32)
+    c.data = data_defaults()
     c.model = ml_collections.ConfigDict(dict(
         init_from="",  # a converted blip-jax model directory; empty: random initialisation from the fields
         architecture="generation", instruct=False, llm_family="opt", num_query_tokens=32, embed_dim=256,
@@ -78,6 +103,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.optim.decay_steps = 60
     c.data.image_size = 32
+    c.data.augment = "eval"  # a random crop can cut a shape out of the synthetic image its caption names
     c.data.max_text_len = 16
     m = c.model
     m.num_query_tokens = 4

@@ -1,11 +1,17 @@
 """What each objective reads: records -> tokenized, normalised host batches -> global arrays.
 
-Tokenizers come from the converted checkpoint (`model.init_from`: its LLM tokenizer, and the
-Q-Former's BERT tokenizer for stage 1 / InstructBLIP), or, for randomly initialised models, are
-word-level tokenizers over the synthetic dataset's words, laid out like the LLM family's.
+Records come from `cfg.data` (a source or a mixture, `blip_jax.data.sources`); images are decoded
+and transformed by `cfg.data.augment` ("blip2_train": random resized crop + flip, as BLIP-2;
+"blip_train": + RandAugment, as BLIP; "eval": resize only); texts are cleaned as LAVIS does
+(`pre_caption` with `cfg.data.prompt` and `max_words`, `pre_question`). Tokenizers come from the
+converted checkpoint (`model.init_from`: its LLM tokenizer, and the Q-Former's BERT tokenizer for
+stage 1 / InstructBLIP), or, for randomly initialised models, are word-level tokenizers over the
+synthetic dataset's words, laid out like the LLM family's.
 Formats follow LAVIS: decoder LLMs read [BOS] text [EOS] with the loss on every real token (on the
-output only for instructions); Flan-T5 stage 2 is a prefix LM whose split point is drawn per record
-(from token 1 to the middle); Q-Former text is [CLS] text [SEP].
+output only for instructions and questions); Flan-T5 stage 2 is a prefix LM whose split point is
+drawn per record (from token 1 to the middle); Q-Former text is [CLS] text [SEP]. InstructBLIP
+records without an instruction get one from the templates of `cfg.data.instruction_family` (or
+their task's family); BLIP-2 question records read the model family's VQA prompt.
 """
 
 from __future__ import annotations
@@ -17,18 +23,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from blip_jax.data import pipeline
-from blip_jax.data.synthetic import WORDS, SyntheticShapes
-from blip_jax.images import ImageProcessor
-from blip_jax.text import BlipTokenizer, word_level_tokenizer
+from blip_jax.blip2_api import VQA_TEMPLATES
+from blip_jax.data import pipeline, sources, transforms
+from blip_jax.data.instructions import instruct, sample_answer
+from blip_jax.data.records import BadRecord
+from blip_jax.data.synthetic import WORDS
+from blip_jax.text import QFORMER_TOKENIZER, BlipTokenizer, word_level_tokenizer
 from blip_jax.train import sharding
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's image normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-QFORMER_TOKENIZER = "qformer_tokenizer"
 
 iterator_state = pipeline.iterator_state
 restore_iterator = pipeline.restore_iterator
+skipped_counts = pipeline.skipped_counts
 
 
 def _qformer_tokenizer(cfg) -> BlipTokenizer:
@@ -60,14 +65,21 @@ def _pad(seqs: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.n
 
 @dataclasses.dataclass
 class Task:
-    """The data side of one run: source, tokenizers and the per-record transform."""
+    """The data side of one run: records, tokenizers and the per-record transform."""
 
     cfg: object
-    source: object
-    image_processor: ImageProcessor
+    records: object  # a grain source, or a MapDataset (mixture)
+    image_size: int
     qformer_tokenizer: BlipTokenizer | None
     llm_tokenizer: BlipTokenizer | None
     encoder_decoder: bool = False
+    source_skipped: dict = dataclasses.field(default_factory=dict)  # counted while indexing
+
+    def __post_init__(self):
+        d = self.cfg.data
+        scale = (d.min_scale, 1.0)
+        self.train_image = transforms.image_transform(d.augment, self.image_size, scale=scale)
+        self.eval_image = transforms.image_transform("eval", self.image_size)
 
     def vocab(self) -> dict:
         """Token ids a randomly initialised model must agree with."""
@@ -81,46 +93,80 @@ class Task:
                        bos_token_id=tok.bos_token_id)
         return out
 
-    def transform(self, record: dict) -> dict:
+    def _texts(self, record: dict, rng: np.random.Generator) -> tuple[str, str]:
+        """(prompt, target) for the LM objectives; the prompt is empty for plain captions."""
         d = self.cfg.data
-        out = {"pixels": self.image_processor([record["image"]])[0]}
+        cleaned = dict(record)
+        if "caption" in record:
+            cleaned["caption"] = transforms.pre_caption(record["caption"], d.max_words, d.prompt)
+        if "question" in record:
+            cleaned["question"] = transforms.pre_question(record["question"], d.max_words)
+        if self.cfg.model.instruct:
+            return instruct(cleaned, d.instruction_family, rng)
+        if "caption" in cleaned:
+            return "", cleaned["caption"]
+        if "question" in cleaned:
+            template = VQA_TEMPLATES["t5" if self.encoder_decoder else "opt"]
+            return template.format(cleaned["question"]), sample_answer(cleaned, rng)
+        raise BadRecord("bad_text", "a record with neither caption nor question")
+
+    def transform(self, record: dict, rng: np.random.Generator, *, train: bool = True) -> dict:
+        """One raw record -> model inputs; raises BadRecord for unusable records."""
+        d = self.cfg.data
+        if "caption" not in record and record.get("captions"):  # unexpanded: one caption per visit
+            record = {**record, "caption": record["captions"][int(rng.integers(len(record["captions"])))]}
+        image = transforms.decode_image(record["image"])
+        out = {"pixels": (self.train_image if train else self.eval_image)(image, rng)}
         if self.cfg.objective == "stage1":
-            ids, mask = _pad([self.qformer_tokenizer.encode(record["caption"])], d.max_text_len,
+            if "caption" not in record:
+                raise BadRecord("bad_text", "stage 1 trains on captions; the record has none")
+            text = transforms.pre_caption(record["caption"], d.max_words, d.prompt)
+            ids, mask = _pad([self.qformer_tokenizer.encode(text)], d.max_text_len,
                              self.qformer_tokenizer.pad_token_id)
             return {**out, "text_ids": ids[0], "text_mask": mask[0]}
-        instruct = self.cfg.model.instruct
+        prompt, target = self._texts(record, rng)
+        instruct_mode = self.cfg.model.instruct
         tok = self.llm_tokenizer
-        if instruct:
-            q_ids, q_mask = _pad([self.qformer_tokenizer.encode(record["instruction"])], d.max_text_len,
+        if instruct_mode:
+            q_ids, q_mask = _pad([self.qformer_tokenizer.encode(prompt)], d.max_text_len,
                                  self.qformer_tokenizer.pad_token_id)
             out.update(qformer_ids=q_ids[0], qformer_mask=q_mask[0])
         if self.encoder_decoder:
-            if instruct:
-                source, target = record["instruction"], record["output"]
-            else:  # prefix LM: split the caption at a point drawn from [1, middle]
-                words = record["caption"].split()
-                rng = np.random.default_rng([self.cfg.seed, int(record["index"])])
+            if not prompt:  # prefix LM: split the caption at a point drawn from [1, middle]
+                words = target.split()
                 cut = int(rng.integers(1, max(len(words) // 2, 1) + 1))
-                source, target = " ".join(words[:cut]), " ".join(words[cut:])
-            ids, mask = _pad([tok.encode(source)], d.max_text_len, tok.pad_token_id)
+                prompt, target = " ".join(words[:cut]), " ".join(words[cut:])
+            ids, mask = _pad([tok.encode(prompt)], d.max_text_len, tok.pad_token_id)
             targets, target_mask = _pad([tok.encode(target)], d.max_text_len, tok.pad_token_id)
             return {**out, "ids": ids[0], "mask": mask[0], "targets": targets[0], "target_mask": target_mask[0]}
         eos = [tok.eos_token_id]
-        if instruct:  # [BOS] instruction | output [EOS]; loss on the output and EOS only
-            prompt = tok.encode(record["instruction"])
-            answer = tok.encode(record["output"], add_special_tokens=False) + eos
-            seq, loss_from = prompt + answer, len(prompt)
+        if prompt:  # [BOS] prompt | target [EOS]; loss on the target and EOS only
+            head = tok.encode(prompt)
+            seq, loss_from = head + tok.encode(target, add_special_tokens=False) + eos, len(head)
         else:  # [BOS] caption [EOS]; every real token is a target (LAVIS)
-            seq, loss_from = tok.encode(record["caption"]) + eos, 0
+            seq, loss_from = tok.encode(target) + eos, 0
         ids, mask = _pad([seq], d.max_text_len, tok.pad_token_id)
         loss_mask = mask.copy()
         loss_mask[:, :loss_from] = 0
         return {**out, "ids": ids[0], "mask": mask[0], "loss_mask": loss_mask[0]}
 
+    def eval_batch(self, records: list[dict]) -> dict:
+        """Records -> one stacked batch with the evaluation image transform (bad records raise)."""
+        rng = np.random.default_rng(0)
+        rows = [self.transform(r, rng, train=False) for r in records]
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
     def iterator(self, process_index: int, process_count: int):
-        return pipeline.make_iterator(self.source, batch_size=self.cfg.batch_size, seed=self.cfg.data.seed,
+        d = self.cfg.data
+        return pipeline.make_iterator(self.records, batch_size=self.cfg.batch_size, seed=d.seed,
                                       transform=self.transform, process_index=process_index,
-                                      process_count=process_count)
+                                      process_count=process_count, read_threads=d.read_threads,
+                                      worker_count=d.worker_count)
+
+    def skipped(self, iterator) -> dict[str, int]:
+        """Records this process's pipeline skipped so far, by reason (`source_skipped` holds what
+        the sources left out while indexing, the same on every process)."""
+        return skipped_counts(iterator_state(iterator))
 
     @staticmethod
     def global_batch(local: dict, mesh) -> dict:
@@ -143,12 +189,7 @@ def batch_shapes(cfg, image_size: int, encoder_decoder: bool) -> dict:
 
 
 def make_task(cfg, image_size: int, encoder_decoder: bool) -> Task:
-    d = cfg.data
-    if d.name != "synthetic":
-        raise ValueError(f"data.name {d.name!r}: only the built-in 'synthetic' source exists so far")
-    source = SyntheticShapes(d.num_records, seed=d.seed, image_size=d.image_size)
-    processor = ImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN),
-                               image_std=list(CLIP_STD))
+    records, skipped = sources.build_records(cfg.data, seed=cfg.data.seed)
     needs_qformer_text = cfg.objective == "stage1" or cfg.model.instruct
-    return Task(cfg, source, processor, _qformer_tokenizer(cfg) if needs_qformer_text else None,
-                None if cfg.objective == "stage1" else _llm_tokenizer(cfg), encoder_decoder)
+    return Task(cfg, records, image_size, _qformer_tokenizer(cfg) if needs_qformer_text else None,
+                None if cfg.objective == "stage1" else _llm_tokenizer(cfg), encoder_decoder, skipped)

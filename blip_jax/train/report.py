@@ -26,7 +26,7 @@ def report(cfg, st, task, n: int = 32, shown: int = 4) -> dict:
     params = jax.device_get(partition.merge(st.train["params"], st.frozen))
     model = Blip2(st.config)
     records = held_out_records(cfg, n)
-    batch = {k: np.stack([task.transform(r)[k] for r in records]) for k in task.transform(records[0])}
+    batch = task.eval_batch(records)
     v = {"params": params}
     image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip2.encode_image)
     if cfg.objective == "stage1":

@@ -190,6 +190,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 values["steps_per_sec"] = (done - logged_at) / dt
                 values["examples_per_sec"] = values["steps_per_sec"] * batch_size
                 t0, logged_at = time.time(), done
+                skipped = _data_report(task, data, workdir, done)
+                values["skipped_records"] = float(sum(skipped.values()))
                 writer.write(done, values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 last = {"step": done, **values}
@@ -200,7 +202,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                                                            data=ocp.args.JsonSave(inputs.iterator_state(data))),
                              force=True)
         _check_finite(st.train, cfg)
-        if cfg.report and jax.process_count() == 1:
+        if cfg.report and jax.process_count() == 1 and cfg.data.kind == "synthetic" and not cfg.data.mixture:
             from blip_jax.train.report import report
 
             last["report"] = report(cfg, st, task)
@@ -211,6 +213,26 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         writer.close()
         bar.close()
     return last
+
+
+def _data_report(task, data, workdir: Path, step: int) -> dict[str, int]:
+    """Skipped records by reason, summed over processes (a collective: every process calls it at
+    the same step), written by process 0 to W/data_report.json."""
+    from jax.experimental import multihost_utils
+
+    from blip_jax.data.records import REASONS, add_counts
+
+    local = task.skipped(data)
+    counts = np.asarray([local.get(r, 0) for r in REASONS], np.int64)
+    if jax.process_count() > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+    total = add_counts({r: int(n) for r, n in zip(REASONS, counts) if n}, task.source_skipped)
+    if jax.process_index() == 0:
+        report = {"step": step, "skipped": total, "skipped_total": sum(total.values())}
+        tmp = workdir / "data_report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(workdir / "data_report.json")
+    return total
 
 
 def _check_finite(train: dict, cfg):
