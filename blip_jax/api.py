@@ -70,16 +70,13 @@ def decode_step(config: BlipConfig):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _itm_probs(config: BlipConfig, params, image_embeds, ids, mask):
-    logits = Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.itm_logits)
-    return jax.nn.softmax(logits, axis=-1)[:, 1]
+def _itm_logits(config: BlipConfig, params, image_embeds, ids, mask):
+    return Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.itm_logits)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _image_features(config: BlipConfig, params, pixels):
-    model = Blip(config)
-    embeds = model.apply({"params": params}, pixels, method=Blip.encode_image)
-    return model.apply({"params": params}, embeds, method=Blip.image_features)
+def _image_features(config: BlipConfig, params, image_embeds):
+    return Blip(config).apply({"params": params}, image_embeds, method=Blip.image_features)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -131,7 +128,7 @@ class BlipModel:
 
     def __init__(self, config: BlipConfig, params, tokenizer: BlipTokenizer | None = None,
                  image_processor: ImageProcessor | None = None, path: str | Path | None = None,
-                 batch_size: int = 32, progress: bool = False):
+                 batch_size: int = 32, progress: bool = False, mesh=None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -140,6 +137,19 @@ class BlipModel:
         self.path = path
         self.batch_size = batch_size
         self.progress = progress  # a progress bar (rate, ETA) on stderr over batches
+        self.mesh = None
+        if mesh is not None:
+            self.use_mesh(mesh)
+
+    def use_mesh(self, mesh) -> "BlipModel":
+        """Split every batch over `mesh`'s devices (data parallel; parameters replicated). Rows are
+        independent, so results equal the one-device ones up to float rounding."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self.mesh = mesh
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self.params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+        return self
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs) -> "BlipModel":
@@ -187,7 +197,16 @@ class BlipModel:
             starts = tqdm(starts, unit="batch", desc=f"blip-jax {self.architecture}")
         for start in starts:
             stop = min(n, start + self.batch_size)
-            yield start, stop, _bucket(stop - start)
+            rows = _bucket(stop - start)
+            if self.mesh is not None:  # every device gets the same number of rows
+                rows = -(-rows // self.mesh.size) * self.mesh.size
+            yield start, stop, rows
+
+    def _rows(self, x, rows: int):
+        """`x` padded to `rows` rows, on a mesh split along the batch (else on the default device)."""
+        if x.shape[0] != rows:
+            x = _pad_rows(np.asarray(x), rows)
+        return jnp.asarray(x) if self.mesh is None else jax.device_put(x, self._batch_sharding)
 
     def _generation_config(self, defaults: dict, options: dict) -> generation.GenerationConfig:
         text = self.config.text
@@ -213,7 +232,7 @@ class BlipModel:
         prompt_ids[0] = self.config.text.bos_token_id
         outputs = []
         for start, stop, rows in self._chunks(len(pixels)):
-            chunk = jnp.asarray(_pad_rows(pixels[start:stop], rows))
+            chunk = self._rows(pixels[start:stop], rows)
             image_embeds = _encode_image(self.config, self.params, chunk)
             ids = np.broadcast_to(prompt_ids.astype(np.int32), (rows, len(prompt_ids)))
             seqs = generate_text(self.config, self.params, image_embeds, None, ids, config)
@@ -222,7 +241,7 @@ class BlipModel:
 
     def _image_embeds(self, pixels: np.ndarray):
         """ViT tokens of every image [n, 1 + patches, D], encoded once, kept on device."""
-        return jnp.concatenate([_encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))[: b - a]
+        return jnp.concatenate([_encode_image(self.config, self.params, self._rows(pixels[a:b], r))[: b - a]
                                 for a, b, r in self._chunks(len(pixels))])
 
     def vqa(self, images, questions, **generation_options) -> list[str]:
@@ -235,39 +254,60 @@ class BlipModel:
         answers = []
         for start, stop, rows in self._chunks(len(questions)):
             ids, mask = self._tokenize(questions[start:stop])
-            ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
-            embeds = image_embeds[_pad_rows(image_index[start:stop], rows)]
+            ids, mask = self._rows(ids, rows), self._rows(mask, rows)
+            embeds = self._rows(image_embeds[_pad_rows(image_index[start:stop], rows)], rows)
             question_states = _encode_question(self.config, self.params, embeds, ids, mask)
             # BLIP (and transformers) let the answer decoder see every question state, the padding
             # up to the longest question included; only our extra bucket padding is hidden.
-            longest = int(mask.sum(1).max())
+            longest = int(np.asarray(mask).sum(1).max())
             states_mask = np.broadcast_to(np.arange(ids.shape[1]) < longest, ids.shape).astype(np.int32)
             bos = np.full((rows, 1), self.config.text.bos_token_id, np.int32)
             seqs = generate_text(self.config, self.params, question_states, jnp.asarray(states_mask), bos, config)
             answers += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
         return answers
 
+    _itm_logits = staticmethod(_itm_logits)  # the jitted heads of this model family
+    _image_features = staticmethod(_image_features)
+    _text_features = staticmethod(_text_features)
+
+    def _itm_rows(self, image_embeds, image_index: np.ndarray, texts: list[str]) -> np.ndarray:
+        """ITM logits [N, 2] of (image_embeds[image_index[i]], texts[i]) pairs."""
+        out = []
+        for start, stop, rows in self._chunks(len(texts)):
+            ids, mask = self._tokenize(texts[start:stop])
+            embeds = self._rows(image_embeds[_pad_rows(image_index[start:stop], rows)], rows)
+            logits = self._itm_logits(self.config, self.params, embeds, self._rows(ids, rows), self._rows(mask, rows))
+            out.append(np.asarray(logits)[: stop - start])
+        return np.concatenate(out)
+
     def itm(self, images, texts) -> np.ndarray:
         """Match probability of each (image, text) pair [N]; one image or one text is broadcast."""
         self._require("itm")
         pixels = self.preprocess(images)
         image_index, texts = _pair_up(len(pixels), _as_list(texts))
-        image_embeds = self._image_embeds(pixels)
-        probs = []
-        for start, stop, rows in self._chunks(len(texts)):
-            ids, mask = self._tokenize(texts[start:stop])
-            embeds = image_embeds[_pad_rows(image_index[start:stop], rows)]
-            p = _itm_probs(self.config, self.params, embeds, _pad_rows(ids, rows), _pad_rows(mask, rows))
-            probs.append(np.asarray(p)[: stop - start])
-        return np.concatenate(probs)
+        return np.asarray(jax.nn.softmax(self._itm_rows(self._image_embeds(pixels), image_index, texts), -1)[:, 1])
+
+    def image_embeddings(self, images) -> np.ndarray:
+        """The image tokens the ITM / captioning heads attend to [n_images, tokens, D] (float32)."""
+        return np.asarray(self._image_embeds(self.preprocess(images)))
+
+    def match_logits(self, image_embeddings: np.ndarray, image_index, texts) -> np.ndarray:
+        """ITM match logit (the "match" class, before softmax) of each (image_embeddings[image_index[i]],
+        texts[i]) pair [N]: what retrieval evaluation re-ranks with."""
+        self._require("itm")
+        return self._itm_rows(image_embeddings, np.asarray(image_index), list(texts))[:, 1]
+
+    def features_of(self, image_embeddings: np.ndarray) -> np.ndarray:
+        """Unit-norm ITC features of already encoded images (see `image_features`)."""
+        self._require("itc")
+        return np.concatenate([np.asarray(self._image_features(self.config, self.params,
+                                                               self._rows(image_embeddings[a:b], r)))[: b - a]
+                               for a, b, r in self._chunks(len(image_embeddings))])
 
     def image_features(self, images) -> np.ndarray:
-        """Unit-norm ITC image features [n_images, embed_dim]."""
+        """Unit-norm ITC image features [n_images, embed_dim] (BLIP-2: [n_images, Q, embed_dim])."""
         self._require("itc")
-        pixels = self.preprocess(images)
-        feats = [np.asarray(_image_features(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r))))[: b - a]
-                 for a, b, r in self._chunks(len(pixels))]
-        return np.concatenate(feats)
+        return self.features_of(self._image_embeds(self.preprocess(images)))
 
     def text_features(self, texts) -> np.ndarray:
         """Unit-norm ITC text features [n_texts, embed_dim]."""
@@ -276,12 +316,18 @@ class BlipModel:
         feats = []
         for a, b, r in self._chunks(len(texts)):
             ids, mask = self._tokenize(texts[a:b])
-            feats.append(np.asarray(_text_features(self.config, self.params, _pad_rows(ids, r), _pad_rows(mask, r)))[: b - a])
+            feats.append(np.asarray(self._text_features(self.config, self.params, self._rows(ids, r),
+                                                        self._rows(mask, r)))[: b - a])
         return np.concatenate(feats)
 
+    @staticmethod
+    def similarity(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        """[n_images, n_texts] cosine similarities of ITC features (no temperature)."""
+        return image_features @ text_features.T
+
     def itc(self, images, texts) -> np.ndarray:
-        """Cosine similarity matrix [n_images, n_texts] of the ITC features (no temperature)."""
-        return self.image_features(images) @ self.text_features(texts).T
+        """ITC similarity matrix [n_images, n_texts] (see `similarity`)."""
+        return self.similarity(self.image_features(images), self.text_features(texts))
 
 
 _ARCH_FOR = {task: arch for arch, tasks in TASKS.items() for task in tasks}

@@ -135,9 +135,9 @@ def _candidate_logprobs(config: Blip2Config, params, prefix, ids, mask, targets,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _itm_probs(config: Blip2Config, params, image_embeds, ids, mask):
-    logits = Blip2(config).apply({"params": params}, image_embeds, ids, mask, method=Blip2.itm_logits)
-    return jax.nn.softmax(logits, axis=-1)[:, 1]
+def _itm_logits(config: Blip2Config, params, image_embeds, ids, mask):
+    """Mean over the query outputs of the 2-way ITM head [B, 2] (LAVIS's score)."""
+    return Blip2(config).apply({"params": params}, image_embeds, ids, mask, method=Blip2.itm_logits)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -203,20 +203,24 @@ class Blip2Model(BlipModel):
         enc = self.tokenizer(list(texts), padding="longest", truncation=False, padding_side=side)
         return _pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, side)
 
+    def _image_embeds(self, pixels: np.ndarray):
+        """ViT tokens after ln_vision of every image [n, 1 + patches, D], encoded once, on device."""
+        return jnp.concatenate([_encode_image(self.config, self.params, self._rows(pixels[a:b], r))[: b - a]
+                                for a, b, r in self._chunks(len(pixels))])
+
     def _prefixes(self, pixels: np.ndarray, image_index: np.ndarray, instructions: list[str]):
         """Soft prompts [N, Q, D_llm] for each (image, instruction) pair; images encoded once."""
-        image_embeds = jnp.concatenate([_encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))
-                                        [: b - a] for a, b, r in self._chunks(len(pixels))])
+        image_embeds = self._image_embeds(pixels)
         prefixes = []
         for a, b, r in self._chunks(len(image_index)):
-            embeds = image_embeds[_pad_rows(image_index[a:b], r)]
+            embeds = self._rows(image_embeds[_pad_rows(image_index[a:b], r)], r)
             q_ids = q_mask = None
             if self.config.instruct:
                 enc = self.qformer_tokenizer(instructions[a:b], padding="longest", truncation=True,
                                              max_length=QFORMER_MAX_INSTRUCTION)
                 q_ids, q_mask = _pad_width(enc["input_ids"], enc["attention_mask"],
                                            self.qformer_tokenizer.pad_token_id, "right")
-                q_ids, q_mask = _pad_rows(q_ids, r), _pad_rows(q_mask, r)
+                q_ids, q_mask = self._rows(q_ids, r), self._rows(q_mask, r)
             prefixes.append(_language_prefix(self.config, self.params, embeds, q_ids, q_mask)[: b - a])
         return jnp.concatenate(prefixes)
 
@@ -244,8 +248,8 @@ class Blip2Model(BlipModel):
         outputs = []
         for start, stop, rows in self._chunks(len(prompts)):
             ids, mask = self._llm_tokens(prompts[start:stop])
-            tokens = generate_tokens(self.config, self.params, _pad_rows(np.asarray(prefixes[start:stop]), rows),
-                                     _pad_rows(ids, rows), _pad_rows(mask, rows), config)
+            tokens = generate_tokens(self.config, self.params, self._rows(prefixes[start:stop], rows),
+                                     self._rows(ids, rows), self._rows(mask, rows), config)
             outputs += self._decode_texts(tokens[: (stop - start) * config.num_return_sequences])
         return outputs
 
@@ -276,10 +280,13 @@ class Blip2Model(BlipModel):
         cand = self.tokenizer(candidates, padding="longest", add_special_tokens=t5, padding_side="right")
         scores = np.zeros((len(prompts), len(candidates)), np.float32)
         for start, stop, rows in self._chunks(len(prompts)):
-            prefix = _pad_rows(np.asarray(prefixes[start:stop]), rows)
+            prefix = self._rows(prefixes[start:stop], rows)
             if t5:
                 ids, mask = self._llm_tokens(prompts[start:stop])
-                ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
+                ids, mask = self._rows(ids, rows), self._rows(mask, rows)
+            else:  # each prompt's tokens, once for all candidates
+                enc = self.tokenizer(prompts[start:stop], padding="longest", truncation=False)
+                prompt_tokens = [list(p[m == 1]) for p, m in zip(enc["input_ids"], enc["attention_mask"])]
             for j in range(len(candidates)):
                 if t5:
                     targets, tmask = _pad_width(cand["input_ids"][j:j + 1], cand["attention_mask"][j:j + 1],
@@ -288,16 +295,15 @@ class Blip2Model(BlipModel):
                     s = _candidate_logprobs(self.config, self.params, prefix, ids, mask, targets, tmask)
                 else:
                     s = _candidate_logprobs(self.config, self.params, prefix,
-                                            *self._joined(prompts[start:stop], cand, j, rows))
+                                            *self._joined(prompt_tokens, cand, j, rows))
                 scores[start:stop, j] = np.asarray(s)[: stop - start]
         return scores
 
-    def _joined(self, prompts: list[str], cand: dict, j: int, rows: int):
+    def _joined(self, prompt_tokens: list[list[int]], cand: dict, j: int, rows: int):
         """Decoder LLMs: rows of prompt + candidate j tokens, right-padded, with the candidate's
         positions as targets (aligned so that position t's target is the token at t + 1)."""
-        enc = self.tokenizer(prompts, padding="do_not_pad" if len(prompts) == 1 else "longest", truncation=False)
         c = cand["input_ids"][j][cand["attention_mask"][j] == 1]
-        seqs = [list(p[m == 1]) + list(c) for p, m in zip(enc["input_ids"], enc["attention_mask"])]
+        seqs = [p + list(c) for p in prompt_tokens]
         width = -(-max(map(len, seqs)) // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
         ids = np.full((rows, width), self.tokenizer.pad_token_id, np.int32)
         mask = np.zeros((rows, width), np.int32)
@@ -310,45 +316,14 @@ class Blip2Model(BlipModel):
             targets[i, n: len(s)], tmask[i, n: len(s)] = c, 1.0
         return ids, mask, targets, tmask
 
-    def itm(self, images, texts) -> np.ndarray:
-        """Match probability of each (image, text) pair [N] (queries + text, mean over queries)."""
-        self._require("itm")
-        pixels = self.preprocess(images)
-        image_index, texts = _pair_up(len(pixels), _as_list(texts))
-        image_embeds = jnp.concatenate([_encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))
-                                        [: b - a] for a, b, r in self._chunks(len(pixels))])
-        probs = []
-        for start, stop, rows in self._chunks(len(texts)):
-            ids, mask = self._tokenize(texts[start:stop])
-            embeds = image_embeds[_pad_rows(image_index[start:stop], rows)]
-            probs.append(np.asarray(_itm_probs(self.config, self.params, embeds, _pad_rows(ids, rows),
-                                               _pad_rows(mask, rows)))[: stop - start])
-        return np.concatenate(probs)
+    _itm_logits = staticmethod(_itm_logits)  # the jitted heads of BLIP-2's retrieval model
+    _image_features = staticmethod(_image_features)
+    _text_features = staticmethod(_text_features)
 
-    def image_features(self, images) -> np.ndarray:
-        """Unit-norm ITC features of every query output [n_images, Q, embed_dim]."""
-        self._require("itc")
-        pixels = self.preprocess(images)
-        feats = []
-        for a, b, r in self._chunks(len(pixels)):
-            embeds = _encode_image(self.config, self.params, jnp.asarray(_pad_rows(pixels[a:b], r)))
-            feats.append(np.asarray(_image_features(self.config, self.params, embeds))[: b - a])
-        return np.concatenate(feats)
-
-    def text_features(self, texts) -> np.ndarray:
-        """Unit-norm ITC text features [n_texts, embed_dim]."""
-        self._require("itc")
-        texts = _as_list(texts)
-        feats = []
-        for a, b, r in self._chunks(len(texts)):
-            ids, mask = self._tokenize(texts[a:b])
-            feats.append(np.asarray(_text_features(self.config, self.params, _pad_rows(ids, r),
-                                                   _pad_rows(mask, r)))[: b - a])
-        return np.concatenate(feats)
-
-    def itc(self, images, texts) -> np.ndarray:
-        """[n_images, n_texts] similarity: the best-matching query's cosine similarity (BLIP-2's ITC)."""
-        return np.einsum("iqd,td->iqt", self.image_features(images), self.text_features(texts)).max(axis=1)
+    @staticmethod
+    def similarity(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        """[n_images, n_texts]: the best-matching query's cosine similarity (BLIP-2's ITC)."""
+        return np.einsum("iqd,td->iqt", image_features, text_features).max(axis=1)
 
     def _tokenize(self, texts):
         enc = self.tokenizer(list(texts), padding="longest", truncation=True,

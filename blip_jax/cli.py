@@ -1,4 +1,5 @@
-"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo, data, and train (blip_jax.train.main).
+"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo, data, score, and train / eval
+(blip_jax.train.main, blip_jax.eval.main).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         from blip_jax.train.main import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["eval"]:  # the same, for evaluation jobs (see blip_jax.eval.main)
+        from blip_jax.eval.main import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

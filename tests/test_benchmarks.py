@@ -40,3 +40,20 @@ def test_blip2_train_benchmark_smoke(tmp_path):
     assert all(r["first_loss_rel_diff"] < 1e-4 for r in results.values())
     assert all(r["ratio"] > 0 for r in results.values())
     assert report["headline_layout"] in results and report["ratio"] > 0
+
+
+def test_data_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--small", "--iters", "1",
+                    "--workers", "0", "--out", str(out)], check=True, capture_output=True, text=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"blip_train_384", "blip2_train_224"}
+    for per_workers in report["results"].values():
+        r = per_workers["workers_0"]
+        assert {"grain", "grain_rt2", "torch"} <= set(r)
+        assert all(r[v]["images_per_s"] > 0 and r[v]["first_batch_s"] > 0 for v in ("grain", "grain_rt2", "torch"))
+        assert r["ratio"] > 0
+    assert set(report["ratios"]) == {"blip_train_384/workers_0", "blip2_train_224/workers_0"}
+    assert all(t["decode_plus_transform_images_per_s"] > 0 for t in report["single_core"]["transforms"].values())
+    assert report["fixture"]["images"] == 32 and report["fixture"]["jpeg_kb_mean"] > 0
+    assert "per_core_rates" in report["training_step_context"]

@@ -290,3 +290,21 @@ def test_grain_sees_a_map_dataset_mixture_as_a_source():
     ds = mixture({"a": Numbers("a", 3)}, seed=0)
     assert isinstance(ds, grain.MapDataset)
     assert pipeline.record_dataset(ds, seed=0) is ds
+
+
+def test_data_cli_check_and_pack(folder, tmp_path, capsys):
+    from blip_jax.cli import main
+
+    source_flags = ["--kind", "json", "--path", folder["annotations"], "--image-root", folder["image_root"]]
+    assert main(["data", "check", *source_flags, "--image-size", "16", "--augment", "blip2_train"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["delivered"] == len(folder["good"]) and result["skipped"] == folder["skipped"]
+    assert result["records_per_sec"] > 0
+    out = tmp_path / "packed"
+    assert main(["data", "pack", *source_flags, str(out), "--records-per-shard", "5"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["records"] == len(PackedSource(out)) == len(folder["good"]) + folder["skipped"]["bad_text"]
+    assert main(["data", "check", "--kind", "packed", "--path", str(out), "--image-size", "16"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["delivered"] == len(folder["good"]) and again["skipped"] == {"bad_text": 4}
+    assert main(["data", "check", "--kind", "json", "--path", str(tmp_path / "none.json")]) == 2

@@ -225,8 +225,9 @@ class _Poisoned:
         return self
 
     def __next__(self):
-        step = self.it.get_state()["next_index"]
+        records_read = self.it.get_state()["parent"]["next_index"]  # synthetic data: none skipped
         batch = next(self.it)
+        step = records_read // len(batch["pixels"])
         if step == self.bad:
             batch = {**batch, "pixels": np.full_like(batch["pixels"], np.nan)}
         return batch
@@ -366,7 +367,7 @@ def job_fewer_devices(args: dict) -> dict:
     cfg = _config("blip2_stage1", **overrides)
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     st, _, _ = _setup(cfg, mesh)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st.train)
+    target = trainer.abstract_like(st.train)
     with ocp.CheckpointManager((dst / "checkpoints").absolute(), item_names=("state", "data")) as manager:
         assert manager.latest_step() == RESUME_AT
         restored = manager.restore(RESUME_AT, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),

@@ -101,6 +101,8 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
         answers = entry.get("answer", entry.get("answers", entry.get("direct_answers")))
         if answers is not None:
             record["answers"], record["answer_weights"] = _answers(answers)
+            # every annotator's answer, repeats kept: what VQA accuracy counts agreement over
+            record["all_answers"] = [a.get("answer") if isinstance(a, dict) else a for a in _text_list(answers)]
         return [record]
     captions = _text_list(entry.get("caption", entry.get("captions", entry.get("text"))))
     if not captions:

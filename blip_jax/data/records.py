@@ -6,7 +6,8 @@ A *raw record* is a dict with some of these keys (sources fill what their format
     caption       one caption (str); training sources yield one record per caption
     captions      every reference caption of an image (list[str]), for evaluation
     question      a question (str)
-    answers       candidate answers (list[str]) and answer_weights (list[float], same length)
+    answers       distinct answers (list[str]) and answer_weights (list[float], same length);
+                  all_answers: every annotator's answer, repeats kept (for VQA accuracy)
     instruction   / output: an instruction-tuning pair (str, str), when the data has them
     task          the task family of the source (see blip_jax.data.instructions), e.g. "caption"
     image_id      / question_id: identifiers (str), kept for evaluation and provenance

@@ -11,6 +11,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+
+def hf_get(hf: dict, key: str, default: Any) -> Any:
+    """`hf[key]`, or `default` when it is missing or null (config.json files write null for unset fields)."""
+    value = hf.get(key)
+    return default if value is None else value
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
 

@@ -15,16 +15,13 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from blip_jax import processes
+
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/blip2_stage1.py:tiny",
                                 flag_values=FLAGS, lock_config=False)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/", flag_values=FLAGS)
-flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs)", flag_values=FLAGS)
-flags.DEFINE_integer("num_processes", None, "processes in the job (multi-process runs)", flag_values=FLAGS)
-flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)", flag_values=FLAGS)
-flags.DEFINE_bool("distributed", False, "multi-process run whose cluster environment names the coordinator "
-                  "(TPU pod, SLURM, Open MPI): jax.distributed.initialize() without arguments", flag_values=FLAGS)
-flags.DEFINE_bool("cpu_collectives", False, "use gloo collectives between CPU processes", flag_values=FLAGS)
+processes.define_flags(FLAGS)
 flags.DEFINE_bool("dry_run", False, "compile the train step for the mesh, print memory and FLOPs, and exit",
                   flag_values=FLAGS)
 
@@ -36,12 +33,7 @@ def main(argv: list[str]) -> int:
         return 2
     import jax
 
-    if FLAGS.cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if FLAGS.coordinator or FLAGS.num_processes:
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+    processes.initialize(FLAGS)
     from blip_jax.train import trainer
 
     if FLAGS.dry_run:

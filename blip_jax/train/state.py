@@ -79,8 +79,8 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     `init_from`, stored parameters are restored into their shardings and only the others initialised:
     init runs under jit with only those outputs, so the rest is never materialised."""
     model = Blip2(config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_inputs(config)[0],
-                                              **_init_inputs(config)[1]))["params"]
+    args, kwargs = _init_inputs(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = nn.unbox(boxed)
     flat_sh, flat_abs = _flat(shardings), _flat(abstract)
@@ -94,8 +94,6 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
         restored = _flat(checkpoint.restore_params(init_from, _unflat(target)))
     missing = sorted(p for p in flat_abs if p not in restored)
     if missing:
-        args, kwargs = _init_inputs(config)
-
         def init_missing(key):
             params = _flat(nn.unbox(model.init(key, *args, **kwargs)["params"]))
             return {p: params[p] for p in missing}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
@@ -92,6 +93,11 @@ def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def abstract_like(tree):
+    """ShapeDtypeStructs with the shardings of `tree`'s arrays: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only."""
 
@@ -138,7 +144,7 @@ def _restore_frozen(workdir: Path, frozen: dict) -> dict:
     path = state_lib.frozen_dir(workdir).absolute()
     if not path.exists():
         return frozen
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
+    target = abstract_like(frozen)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
 
@@ -161,7 +167,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
 
     latest = manager.latest_step()
     if latest is not None:  # resume: trainable state, optimizer, rng and data position
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st.train)
+        target = abstract_like(st.train)
         restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                    data=ocp.args.JsonRestore()))
         st.train = restored["state"]
@@ -179,6 +185,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     bar = tqdm(total=total, initial=start, unit="step", desc=f"train {cfg.objective}",
                disable=not progress or jax.process_index() != 0)
     t0, logged_at = time.time(), start
+    reported_skips: dict[str, int] = {}
     try:
         for step in range(start, total):
             batch = task.global_batch(next(data), mesh)
@@ -192,6 +199,10 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 t0, logged_at = time.time(), done
                 skipped = _data_report(task, data, workdir, done)
                 values["skipped_records"] = float(sum(skipped.values()))
+                if skipped != reported_skips and jax.process_index() == 0:
+                    logging.warning("data: %d bad records skipped so far %s (W/data_report.json)",
+                                    sum(skipped.values()), skipped)
+                    reported_skips = skipped
                 writer.write(done, values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 last = {"step": done, **values}

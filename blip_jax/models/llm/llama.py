@@ -47,7 +47,9 @@ from flax import traverse_util
 
 from blip_jax.convert.mapping import expected_params, map_weights, rename
 from blip_jax.models import layers
+from blip_jax.models.config import hf_get
 from blip_jax.models.layout import stack_layers
+from blip_jax.models.llm import decoding
 from blip_jax.models.stack import LayerStack
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +94,7 @@ class LlamaConfig:
         RoPE settings are read from `rope_parameters` (transformers 5), else `rope_scaling` with a
         top-level `rope_theta` (older files). Only the default RoPE is implemented: any scaling
         type (linear, dynamic, yarn, longrope, llama3, ...) raises a ValueError."""
-        def get(key, default):
-            value = hf.get(key)
-            return default if value is None else value
-
+        get = functools.partial(hf_get, hf)
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -286,35 +285,19 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *, scan_layers: bool = False):
-    """Zero decoding cache for `max_len` positions: {"layers": per-layer {"k", "v"} [B, Hkv, max_len, Dh]
-    (a list), or, scanned, {"k", "v"} [B, L, Hkv, max_len, Dh]}."""
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-    if scan_layers:
-        shape = (batch, config.num_layers) + shape[1:]
-        return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}
-    return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                       for _ in range(config.num_layers)]}
+    """Zero decoding cache for `max_len` positions (`decoding.zero_kv_cache`, the KV heads only)."""
+    return decoding.zero_kv_cache(batch, config.num_layers, config.num_kv_heads, max_len, config.head_dim, dtype,
+                                  scan_layers=scan_layers)
 
 
-@functools.lru_cache(maxsize=None)
 def decode_step(config: LlamaConfig, *, scan_layers: bool = False, dtype=jnp.float32):
-    """The `blip_jax.generation` step of LLaMA: `step(params, cache, token_ids, attention_mask,
-    cache_index) -> (logits [R, 1, V], cache)`; one stable callable per (config, layout, dtype)."""
-    model = Llama(config, dtype=dtype, scan_layers=scan_layers)
-
-    def step(params, cache, token_ids, attention_mask, cache_index):
-        logits, aux = model.apply({"params": params}, token_ids, attention_mask, cache=cache,
-                                  cache_index=cache_index, last_only=True)
-        return logits, aux["cache"]
-
-    return step
+    """The `blip_jax.generation` step of Llama (`decoding.causal_decode_step`)."""
+    return decoding.causal_decode_step(Llama, config, scan_layers, dtype)
 
 
 def param_shapes(config: LlamaConfig, scan_layers: bool = False):
     """The parameter tree of `Llama(config)` as ShapeDtypeStructs (no allocation)."""
-    model = Llama(config, scan_layers=scan_layers)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.unbox(variables["params"])
+    return decoding.param_shapes(Llama(config, scan_layers=scan_layers))
 
 
 _MODULES = [

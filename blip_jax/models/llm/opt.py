@@ -39,7 +39,9 @@ from flax import traverse_util
 
 from blip_jax.convert.mapping import expected_params, map_weights, rename
 from blip_jax.models import layers
+from blip_jax.models.config import hf_get
 from blip_jax.models.layout import stack_layers
+from blip_jax.models.llm import decoding
 from blip_jax.models.stack import LayerStack
 
 POSITION_OFFSET = 2
@@ -82,10 +84,7 @@ class OptConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "OptConfig":
         """From an OPT `config.json` dict (or the `text_config` of a BLIP-2 one)."""
-        def get(key, default):
-            value = hf.get(key)
-            return default if value is None else value
-
+        get = functools.partial(hf_get, hf)
         d = cls()
         eos = get("eos_token_id", d.eos_token_id)
         return cls(
@@ -255,35 +254,19 @@ class OPT(nn.Module):
 
 
 def init_cache(config: OptConfig, batch: int, max_len: int, dtype=jnp.float32, *, scan_layers: bool = False):
-    """Zero decoding cache for `max_len` positions: {"layers": per-layer {"k", "v"} [B, H, max_len, Dh]
-    (a list), or, scanned, {"k", "v"} [B, L, H, max_len, Dh]}."""
-    shape = (batch, config.num_heads, max_len, config.head_dim)
-    if scan_layers:
-        shape = (batch, config.num_layers) + shape[1:]
-        return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}
-    return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                       for _ in range(config.num_layers)]}
+    """Zero decoding cache for `max_len` positions (`decoding.zero_kv_cache`)."""
+    return decoding.zero_kv_cache(batch, config.num_layers, config.num_heads, max_len, config.head_dim, dtype,
+                                  scan_layers=scan_layers)
 
 
-@functools.lru_cache(maxsize=None)
 def decode_step(config: OptConfig, *, scan_layers: bool = False, dtype=jnp.float32):
-    """The `blip_jax.generation` step of OPT: `step(params, cache, token_ids, attention_mask,
-    cache_index) -> (logits [R, 1, V], cache)`; one stable callable per (config, layout, dtype)."""
-    model = OPT(config, dtype=dtype, scan_layers=scan_layers)
-
-    def step(params, cache, token_ids, attention_mask, cache_index):
-        logits, aux = model.apply({"params": params}, token_ids, attention_mask, cache=cache,
-                                  cache_index=cache_index, last_only=True)
-        return logits, aux["cache"]
-
-    return step
+    """The `blip_jax.generation` step of OPT (`decoding.causal_decode_step`)."""
+    return decoding.causal_decode_step(OPT, config, scan_layers, dtype)
 
 
 def param_shapes(config: OptConfig, scan_layers: bool = False):
     """The parameter tree of `OPT(config)` as ShapeDtypeStructs (no allocation)."""
-    model = OPT(config, scan_layers=scan_layers)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.unbox(variables["params"])
+    return decoding.param_shapes(OPT(config, scan_layers=scan_layers))
 
 
 _MODULES = [

@@ -47,7 +47,9 @@ from flax import traverse_util
 
 from blip_jax.convert.mapping import expected_params, map_weights, rename
 from blip_jax.models import layers
+from blip_jax.models.config import hf_get
 from blip_jax.models.layout import stack_layers
+from blip_jax.models.llm import decoding
 from blip_jax.models.med import merge_cache, split_cache
 from blip_jax.models.stack import LayerStack
 
@@ -78,10 +80,7 @@ class T5Config:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "T5Config":
         """From a T5 `config.json` dict (or the `text_config` of a BLIP-2 / InstructBLIP one)."""
-        def get(key, default):
-            value = hf.get(key)
-            return default if value is None else value
-
+        get = functools.partial(hf_get, hf)
         d = cls()
         num_layers = get("num_layers", d.num_layers)
         # transformers 5 always ties the parameter and records the original flag as
@@ -377,14 +376,9 @@ class T5(nn.Module):
 
 
 def init_cache(config: T5Config, batch: int, max_len: int, dtype=jnp.float32, *, scan_layers: bool = False):
-    """Zero per-row decoder cache for `max_len` positions: {"layers": per-layer {"k", "v"}
-    [B, H, max_len, Dkv] (a list), or, scanned, {"k", "v"} [B, L, H, max_len, Dkv]}."""
-    shape = (batch, config.num_heads, max_len, config.d_kv)
-    if scan_layers:
-        shape = (batch, config.num_decoder_layers) + shape[1:]
-        return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}
-    return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                       for _ in range(config.num_decoder_layers)]}
+    """Zero per-row decoder cache for `max_len` positions (`decoding.zero_kv_cache`)."""
+    return decoding.zero_kv_cache(batch, config.num_decoder_layers, config.num_heads, max_len, config.d_kv, dtype,
+                                  scan_layers=scan_layers)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("scan_layers", "dtype"))
@@ -415,10 +409,8 @@ def decode_step(config: T5Config, *, scan_layers: bool = False, dtype=jnp.float3
 
 def param_shapes(config: T5Config, scan_layers: bool = False):
     """The parameter tree of `T5(config)` as ShapeDtypeStructs (no allocation)."""
-    model = T5(config, scan_layers=scan_layers)
     ids = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids))
-    return nn.unbox(variables["params"])
+    return decoding.param_shapes(T5(config, scan_layers=scan_layers), ids, ids, ids)
 
 
 _MODULES = [

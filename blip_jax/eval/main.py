@@ -1,0 +1,62 @@
+"""`blip-jax eval --config=configs/eval/<task>.py:<preset> --ckpt=DIR --workdir=W [--config.f=v ...]`
+
+Loads a converted checkpoint, splits every batch over this process's devices, splits the work
+over processes (multi-process flags as `blip-jax train`), and writes W/results.json,
+W/predictions.jsonl, W/gallery.html and TensorBoard scalars. Rerunning resumes: finished shards
+in W/shards are not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from blip_jax import processes
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "eval config file, e.g. configs/eval/retrieval.py:coco",
+                                flag_values=FLAGS, lock_config=False)
+flags.DEFINE_string("ckpt", None, "a blip-jax model directory (made by `blip-jax convert`)", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "output directory: results.json, predictions.jsonl, gallery.html",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "progress bars with rate and ETA", flag_values=FLAGS)
+processes.define_flags(FLAGS)
+
+
+def evaluator(task: str):
+    """The `evaluate(model, cfg, workdir, progress=...)` function of a task."""
+    from blip_jax.eval import captioning, choice, classification, retrieval, vqa
+
+    return {"retrieval": retrieval, "caption": captioning, "vqa": vqa, "choice": choice,
+            "classification": classification}[task].evaluate
+
+
+def run(cfg, ckpt: str, workdir: str, *, progress: bool = True) -> dict:
+    """Load `ckpt`, place it on this process's devices and run `cfg`'s task; returns results."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import blip_jax
+
+    model = blip_jax.load(ckpt, batch_size=cfg.batch_size)
+    model.use_mesh(Mesh(np.array(jax.local_devices()), ("data",)))
+    return evaluator(cfg.task)(model, cfg, workdir, progress=progress)
+
+
+def main(argv: list[str]) -> int:
+    FLAGS(["blip-jax eval"] + list(argv))
+    if FLAGS.config is None or FLAGS.ckpt is None or FLAGS.workdir is None:
+        print("usage: blip-jax eval --config=configs/eval/<task>.py:<preset> --ckpt=DIR --workdir=DIR",
+              file=sys.stderr)
+        return 2
+    import jax
+
+    processes.initialize(FLAGS)
+    results = run(FLAGS.config, FLAGS.ckpt, FLAGS.workdir, progress=FLAGS.progress)
+    if jax.process_index() == 0:
+        print(json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,118 @@
+"""What every evaluation job shares: resumable sharded work across processes, and its outputs.
+
+Work over `n` items is cut into shards of `shard_size`; process `p` of `P` computes the shards
+`i` with `i % P == p` (within a process, batches are split over its devices by the model's mesh).
+Each finished shard is written atomically to `W/shards/<stage>/<i>.npz` (arrays) or `.jsonl`
+(records), so a killed job skips what it finished when rerun. After a barrier every process reads
+all shards back, in order.
+
+Outputs of a job: `W/results.json` (metrics plus the settings that produced them),
+`W/predictions.jsonl`, `W/gallery.html`, TensorBoard scalars in `W/tensorboard`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run_sharded(workdir: str | Path, stage: str, n: int, compute: Callable[[int, int], object], *,
+                shard_size: int, progress: bool = True):
+    """`compute(start, stop)` over [0, n) in resumable shards (module docstring). `compute` returns a
+    dict of arrays (concatenated along axis 0 over shards) or a list of JSON records (joined)."""
+    from tqdm import tqdm
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    folder = Path(workdir) / "shards" / stage
+    starts = list(range(0, n, shard_size))
+    mine = [i for i in range(len(starts)) if i % jax.process_count() == jax.process_index()]
+    done = {p.stem for p in folder.glob("*.*") if not p.name.startswith(".")} if folder.exists() else set()
+    todo = [i for i in mine if f"{i:05d}" not in done]
+    items = sum(min(shard_size, n - starts[i]) for i in todo)
+    with tqdm(total=items, unit="item", desc=f"eval {stage}", disable=not progress or not todo) as bar:
+        for i in todo:
+            start, stop = starts[i], min(n, starts[i] + shard_size)
+            result = compute(start, stop)
+            if isinstance(result, dict):
+                _atomic_write(folder / f"{i:05d}.npz", lambda f: np.savez(f, **result))
+            else:
+                lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result)
+                _atomic_write(folder / f"{i:05d}.jsonl", lambda f: f.write(lines.encode("utf-8")))
+            bar.update(stop - start)
+    _barrier(f"blip_jax_eval_{stage}")
+    return _read_shards(folder, len(starts))
+
+
+def _read_shards(folder: Path, count: int):
+    parts = []
+    for i in range(count):
+        npz, jsonl = folder / f"{i:05d}.npz", folder / f"{i:05d}.jsonl"
+        if npz.exists():
+            with np.load(npz) as data:
+                parts.append({k: data[k] for k in data.files})
+        elif jsonl.exists():
+            parts.append([json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()])
+        else:
+            raise FileNotFoundError(f"shard {i} of {folder} is missing after every process finished")
+    if parts and isinstance(parts[0], dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return [r for p in parts for r in p]
+
+
+def write_outputs(workdir: str | Path, task: str, metrics: dict, settings: dict, predictions: list[dict],
+                  gallery: list[dict] | None = None, seconds: float | None = None) -> dict:
+    """results.json, predictions.jsonl, gallery.html and TensorBoard scalars (process 0 only)."""
+    results = {"task": task, "metrics": metrics, "settings": settings, "num_predictions": len(predictions),
+               "seconds": None if seconds is None else round(seconds, 2),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if jax.process_index() != 0:
+        return results
+    workdir = Path(workdir)
+    _atomic_write(workdir / "results.json", lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    _atomic_write(workdir / "predictions.jsonl", lambda f: f.write(lines.encode("utf-8")))
+    if gallery:
+        from blip_jax.gallery import write_gallery
+
+        write_gallery(workdir / "gallery.html", gallery, f"blip-jax eval: {task}")
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(workdir / "tensorboard")) as tb:
+        for name, value in _scalars(metrics):
+            tb.add_scalar(f"eval/{task}/{name}", value, 0)
+    return results
+
+
+def _scalars(metrics: dict, prefix: str = ""):
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)

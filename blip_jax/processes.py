@@ -1,0 +1,28 @@
+"""Multi-process jobs (TPU pods, SLURM, localhost): the flags `blip-jax train` and `blip-jax eval`
+share, and the `jax.distributed` start-up they drive. Every process runs the same command."""
+
+from __future__ import annotations
+
+from absl import flags
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs)", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "processes in the job (multi-process runs)", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)", flag_values=flag_values)
+    flags.DEFINE_bool("distributed", False, "multi-process run whose cluster environment names the coordinator "
+                      "(TPU pod, SLURM, Open MPI): jax.distributed.initialize() without arguments",
+                      flag_values=flag_values)
+    flags.DEFINE_bool("cpu_collectives", False, "use gloo collectives between CPU processes", flag_values=flag_values)
+
+
+def initialize(flag_values: flags.FlagValues) -> None:
+    """Connect the processes named by the flags (nothing to do for a single process)."""
+    import jax
+
+    if flag_values.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if flag_values.coordinator or flag_values.num_processes:
+        jax.distributed.initialize(flag_values.coordinator, flag_values.num_processes, flag_values.process_id)
+    elif flag_values.distributed:
+        jax.distributed.initialize()
