@@ -89,6 +89,28 @@ def _encode_question(config: BlipConfig, params, image_embeds, ids, mask):
     return Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.encode_question)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _first_token_probs(config: BlipConfig, params, question_states, question_mask):
+    """Answer decoder's next-token distribution after [DEC] over the question states [B, V]."""
+    bos = jnp.full((question_states.shape[0], 1), config.text.bos_token_id, jnp.int32)
+    logits, _ = Blip(config).apply({"params": params}, bos, jnp.ones_like(bos), question_states, question_mask,
+                                   method=Blip.decode)
+    return jax.nn.softmax(logits[:, 0].astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _answer_scores(config: BlipConfig, params, question_states, question_mask, answer_ids, answer_mask):
+    """LAVIS's rank score of each answer [B]: minus its summed next-token cross-entropy with label
+    smoothing 0.1 (BLIP's decoder loss, kept in its ranking), padding excluded."""
+    logits, _ = Blip(config).apply({"params": params}, answer_ids, answer_mask, question_states, question_mask,
+                                   method=Blip.decode)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    targets = answer_ids[:, 1:]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    per_token = 0.9 * nll + 0.1 * -logp.mean(-1)
+    return -(per_token * answer_mask[:, 1:]).sum(-1)
+
+
 def generate_text(config: BlipConfig, params, encoder_states, encoder_mask, prompt_ids,
                   generation_config: generation.GenerationConfig) -> np.ndarray:
     """Token ids [B * num_return_sequences, T + max_new_tokens] decoded over `encoder_states`
@@ -191,14 +213,16 @@ class BlipModel:
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id)
         return ids.astype(np.int32), np.pad(mask, ((0, 0), (0, pad))).astype(np.int32)
 
-    def _chunks(self, n: int):
+    def _chunks(self, n: int, progress: bool | None = None):
+        """(start, stop, padded rows) of each batch; rows are a power of two (one compile per size)
+        and, on a mesh, a multiple of its devices so each gets the same number."""
         starts = range(0, n, self.batch_size)
-        if self.progress and len(starts) > 1:
+        if (self.progress if progress is None else progress) and len(starts) > 1:
             starts = tqdm(starts, unit="batch", desc=f"blip-jax {self.architecture}")
         for start in starts:
             stop = min(n, start + self.batch_size)
             rows = _bucket(stop - start)
-            if self.mesh is not None:  # every device gets the same number of rows
+            if self.mesh is not None:
                 rows = -(-rows // self.mesh.size) * self.mesh.size
             yield start, stop, rows
 
@@ -279,6 +303,44 @@ class BlipModel:
             logits = self._itm_logits(self.config, self.params, embeds, self._rows(ids, rows), self._rows(mask, rows))
             out.append(np.asarray(logits)[: stop - start])
         return np.concatenate(out)
+
+    def vqa_rank(self, images, questions, answer_list: Sequence[str], k: int = 128) -> list[str]:
+        """BLIP's rank-mode VQA (LAVIS `_rank_answers`): the answer decoder's first-token probability
+        picks the `k` most likely answers of `answer_list`; each is scored by its label-smoothed
+        log-likelihood over the question states and the best one is returned per question."""
+        candidates, scores = self.vqa_rank_scores(images, questions, answer_list, k)
+        return [answer_list[c[i]] for c, i in zip(candidates, scores.argmax(1))]
+
+    def vqa_rank_scores(self, images, questions, answer_list: Sequence[str], k: int = 128):
+        """(candidate answer indices [N, k] by first-token probability, their rank scores [N, k]),
+        as `vqa_rank` uses them."""
+        self._require("vqa")
+        pixels = self.preprocess(images)
+        image_index, questions = _pair_up(len(pixels), _as_list(questions))
+        image_embeds = self._image_embeds(pixels)
+        enc = self.tokenizer(list(answer_list), padding="longest", truncation=True,
+                             max_length=self.config.text.max_position_embeddings)
+        answer_ids = np.asarray(enc["input_ids"], np.int32).copy()
+        answer_ids[:, 0] = self.config.text.bos_token_id  # [CLS] answer [SEP] -> [DEC] answer [SEP]
+        answer_mask = np.asarray(enc["attention_mask"], np.int32)
+        k = min(k, len(answer_list))
+        candidates, scores = [], []
+        for start, stop, rows in self._chunks(len(questions)):
+            ids, mask = self._tokenize(questions[start:stop])
+            ids, mask = self._rows(ids, rows), self._rows(mask, rows)
+            embeds = self._rows(image_embeds[_pad_rows(image_index[start:stop], rows)], rows)
+            states = _encode_question(self.config, self.params, embeds, ids, mask)
+            first = np.asarray(_first_token_probs(self.config, self.params, states, mask))[:, answer_ids[:, 1]]
+            topk = np.argsort(-first, axis=1, kind="stable")[:, :k]  # [rows, k]
+            pairs, question = topk.ravel(), np.repeat(np.arange(rows), k)
+            states, mask = np.asarray(states), np.asarray(mask)
+            pair_scores = np.concatenate([np.asarray(_answer_scores(
+                self.config, self.params, self._rows(states[question[a:b]], r), self._rows(mask[question[a:b]], r),
+                self._rows(answer_ids[pairs[a:b]], r), self._rows(answer_mask[pairs[a:b]], r)))[: b - a]
+                for a, b, r in self._chunks(len(pairs), progress=False)])
+            candidates.append(topk[: stop - start])
+            scores.append(pair_scores.reshape(rows, k)[: stop - start])
+        return np.concatenate(candidates), np.concatenate(scores)
 
     def itm(self, images, texts) -> np.ndarray:
         """Match probability of each (image, text) pair [N]; one image or one text is broadcast."""

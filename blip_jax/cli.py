@@ -186,6 +186,26 @@ def cmd_data_pack(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from blip_jax.eval.score import score
+
+    _emit(args, score(args.kind, args.predictions, args.annotations, split=args.split, metric=args.metric))
+    return 0
+
+
+def _add_score_command(sub):
+    from blip_jax.eval.score import KINDS
+
+    p = sub.add_parser("score", help="score predictions made elsewhere with the evaluation jobs' metrics")
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--predictions", required=True, help="predictions file (see blip_jax.eval.score)")
+    p.add_argument("--annotations", required=True, help="ground-truth annotation file")
+    p.add_argument("--split", default="test", help="split of a Karpathy-layout annotation file")
+    p.add_argument("--metric", default="vqa", choices=["vqa", "exact_match"], help="vqa: VQA accuracy or GQA's")
+    p.add_argument("--output", help="also write the scores to this JSON file")
+    p.set_defaults(func=cmd_score)
+
+
 def _add_data_commands(sub):
     data = sub.add_parser("data", help="inspect and pack training data").add_subparsers(dest="data_command",
                                                                                          required=True)
@@ -253,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_demo)
     _add_data_commands(sub)
+    _add_score_command(sub)
     return parser
 
 

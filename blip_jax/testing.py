@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from blip_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 ARCHITECTURES = {
     "caption": "BlipForConditionalGeneration",
     "retrieval": "BlipForImageTextRetrieval",
@@ -220,8 +222,7 @@ def write_tiny_blip2_checkpoint(directory: str | os.PathLike, kind: str = "opt",
     vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     bert = transformers.BertTokenizer(str(vocab_file), bos_token="[DEC]", model_max_length=64)
     image_processor = transformers.BlipImageProcessor(size={"height": image_size, "width": image_size},
-                                                      image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                                      image_std=[0.26862954, 0.26130258, 0.27577711])
+                                                      image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
     vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size)
     qformer = dict(vocab_size=len(bert), hidden_size=hidden_size, intermediate_size=2 * hidden_size,

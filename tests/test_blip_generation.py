@@ -94,3 +94,48 @@ def test_sampling_is_seeded(converted):
     assert first == model.caption(images, seed=1, **opts)
     others = [model.caption(images, seed=s, **opts) for s in range(2, 6)]
     assert any(o != first for o in others)
+
+
+def test_vqa_rank_mode_matches_the_reference_procedure(hf_checkpoint, converted, hf_model):
+    """BLIP's rank-mode VQA (LAVIS `_rank_answers`) run with transformers' modules: first-token
+    probabilities pick the top k answers, each scored by the decoder's summed loss with LAVIS's
+    label smoothing 0.1. Questions go one at a time: transformers' BLIP decoder ignores
+    `encoder_attention_mask`, LAVIS (and blip-jax) mask padded question tokens; unpadded, both agree."""
+    from blip_jax.testing import TINY_QUESTIONS
+
+    model = blip_jax.load(converted("vqa"), batch_size=4)
+    hf = hf_model("vqa")
+    processor = _hf_processor(hf_checkpoint("vqa"))
+    images = sample_images(3)
+    questions = TINY_QUESTIONS[:3]
+    answer_list = ["yes", "no", "a dog", "two cats", "red", "the big blue car", "one"]
+    k = 4
+    answers = processor.tokenizer(answer_list, padding="longest", return_tensors="pt")
+    answer_ids = answers["input_ids"].clone()
+    answer_ids[:, 0] = hf.config.text_config.bos_token_id  # [CLS] answer [SEP] -> [DEC] answer [SEP]
+    labels = answer_ids.masked_fill(answer_ids == processor.tokenizer.pad_token_id, -100)
+    hf.text_decoder.label_smoothing = 0.1  # LAVIS's decoder loss (transformers' default is 0)
+    topks, expected_scores = [], []
+    try:
+        with torch.no_grad():
+            for image, question in zip(images, questions):
+                inputs = processor(images=[image], text=[question], return_tensors="pt")
+                image_embeds = hf.vision_model(pixel_values=inputs["pixel_values"])[0]
+                states = hf.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                         encoder_hidden_states=image_embeds)[0]
+                start = answer_ids[:1, :1]
+                logits = hf.text_decoder(input_ids=start, encoder_hidden_states=states).logits
+                topk = torch.softmax(logits[:, 0], -1)[0, answer_ids[:, 1]].topk(k).indices
+                out = hf.text_decoder(input_ids=answer_ids[topk], attention_mask=answers["attention_mask"][topk],
+                                      encoder_hidden_states=states.repeat(k, 1, 1), labels=labels[topk],
+                                      reduction="none")
+                topks.append(topk.numpy())
+                expected_scores.append((-out.loss).numpy())
+    finally:
+        hf.text_decoder.label_smoothing = hf.config.text_config.label_smoothing
+    candidates, scores = model.vqa_rank_scores(images, questions, answer_list, k=k)
+    np.testing.assert_array_equal(candidates, np.stack(topks))
+    print("rank scores max diff:", np.abs(scores - np.stack(expected_scores)).max())
+    np.testing.assert_allclose(scores, np.stack(expected_scores), atol=1e-4)
+    expected = [answer_list[int(t[s.argmax()])] for t, s in zip(topks, expected_scores)]
+    assert model.vqa_rank(images, questions, answer_list, k=k) == expected

@@ -211,6 +211,14 @@ def test_tokenizer_choice(monkeypatch):
         ptb.tokenize_captions(["a"], "perl")
     out, used = ptb.tokenize_captions(["A Dog."], "python")
     assert (out, used) == (["a dog"], "python")
+    if ptb.java_tokenizer_status()[0] is not None:  # "auto" falls back to Python when the jar fails
+
+        def broken(captions):
+            raise RuntimeError("PTBTokenizer failed")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ptb, "tokenize_captions_java", broken)
+            assert ptb.tokenize_captions(["A Dog."], "auto") == (["a dog"], "python")
     monkeypatch.setattr(ptb.shutil, "which", lambda name: None)
     assert ptb.tokenize_captions(["A Dog."], "auto") == (["a dog"], "python")
     with pytest.raises(RuntimeError, match="java"):
@@ -245,8 +253,8 @@ def test_bleu_rouge_cider_equal_pycocoevalcap(tokenized):
     cider, cider_img = cm.compute_cider(hyps, refs)
     assert abs(cider - ref_cider) <= TOL
     np.testing.assert_allclose(cider_img, ref_cider_img, rtol=0, atol=TOL)
-    # the fixture exercises the interesting cases: an exact copy scores high, an empty prediction 0
-    assert cider_img[ids.index("img_008")] == max(cider_img) and cider_img[ids.index("img_004")] == 0
+    # sanity on the corner cases: an exact copy of a reference scores well, an empty prediction 0
+    assert cider_img[ids.index("img_008")] > 2 and cider_img[ids.index("img_004")] == 0
 
 
 def test_score_captions_equals_pycocoevalcap_pipeline(fixture_set, tokenized):

@@ -96,8 +96,9 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
         record["question"] = entry["question"]
         if "choices" in entry:  # multiple choice (A-OKVQA, ScienceQA-style)
             record["choices"] = entry["choices"]
-            if "correct_choice_idx" in entry:
-                record["answer_index"] = entry["correct_choice_idx"]
+            index = entry.get("answer_index", entry.get("correct_choice_idx"))  # A-OKVQA names it so
+            if index is not None:
+                record["answer_index"] = index
         answers = entry.get("answer", entry.get("answers", entry.get("direct_answers")))
         if answers is not None:
             record["answers"], record["answer_weights"] = _answers(answers)

@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
@@ -183,20 +184,20 @@ def compute_cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
     scores = []
     for hyp, refs in zip(hyp_counts, ref_counts):
         vec, norm, length = weights(hyp)
-        total = np.zeros(n)
+        total = [0.0] * n
         for ref in refs:
             vec_r, norm_r, length_r = weights(ref)
             delta = float(length - length_r)
-            val = np.zeros(n)
+            penalty = math.e ** (-(delta ** 2) / (2 * sigma ** 2))
             for k in range(n):
+                val = 0.0
                 for gram, w in vec[k].items():
                     w_r = vec_r[k].get(gram, 0.0)
-                    val[k] += min(w, w_r) * w_r  # clipped
+                    val += min(w, w_r) * w_r  # hypothesis weights clipped by the reference's
                 if norm[k] != 0 and norm_r[k] != 0:
-                    val[k] /= norm[k] * norm_r[k]
-                val[k] *= math.e ** (-(delta ** 2) / (2 * sigma ** 2))
-            total += val
-        scores.append(float(np.mean(total) / len(refs) * 10.0))
+                    val /= norm[k] * norm_r[k]
+                total[k] += val * penalty
+        scores.append(float(np.mean(np.array(total)) / len(refs) * 10.0))
     return (float(np.mean(np.array(scores))) if scores else 0.0), scores
 
 
@@ -226,7 +227,10 @@ def meteor_status() -> tuple[Path | None, str | None]:
 
 def compute_meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
                    jar: str | os.PathLike | None = None, timeout: float = 1800.0):
-    """(corpus METEOR, per-image scores) from meteor-1.5.jar, driven like pycocoevalcap's ``Meteor``."""
+    """(corpus METEOR, per-image scores) from meteor-1.5.jar, driven like pycocoevalcap's ``Meteor``:
+    one ``SCORE ||| ref ||| ... ||| hyp`` line per image (``|||`` and double spaces removed from the
+    hypothesis), then one ``EVAL`` line with all the statistics. The jar is killed after ``timeout``
+    seconds."""
     if jar is None:
         jar, reason = meteor_status()
         if jar is None:
@@ -235,31 +239,41 @@ def compute_meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(["java", "-jar", "-Xmx2G", jar.name, "-", "-", "-stdio", "-l", "en", "-norm"],
                                 cwd=jar.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+
+        def read() -> str:
+            answer = proc.stdout.readline()
+            if not answer:
+                code = proc.wait()
+                errors.seek(0)
+                tail = errors.read().decode("utf-8", "replace")[-2000:]
+                why = f"killed after {timeout:g} s" if not watchdog.is_alive() and code < 0 else f"exit {code}"
+                raise RuntimeError(f"meteor-1.5.jar stopped ({why}): {tail}")
+            return answer.decode("utf-8").strip()
 
         def ask(line: str) -> str:
             proc.stdin.write((line.replace("\n", " ") + "\n").encode("utf-8"))
             proc.stdin.flush()
-            answer = proc.stdout.readline()
-            if not answer:
-                errors.seek(0)
-                tail = errors.read().decode("utf-8", "replace")[-2000:]
-                raise RuntimeError(f"meteor-1.5.jar stopped (exit {proc.poll()}): {tail}")
-            return answer.decode("utf-8").strip()
+            return read()
 
         try:
             stats = []
             for hyp, refs in zip(hypotheses, references):
                 hyp = hyp.replace("|||", "").replace("  ", " ")
                 stats.append(ask(" ||| ".join(("SCORE", " ||| ".join(refs), hyp))))
-            first = ask(" ||| ".join(["EVAL", *stats]))
-            scores = [float(first)]
-            for _ in range(len(stats) - 1):
-                scores.append(float(proc.stdout.readline().strip()))
-            corpus = float(proc.stdout.readline().strip())
+            scores = [float(ask(" ||| ".join(["EVAL", *stats])))]
+            scores += [float(read()) for _ in range(len(stats) - 1)]
+            corpus = float(read())
         finally:
-            proc.stdin.close()
+            watchdog.cancel()
             proc.kill()
-            proc.wait(timeout=timeout)
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
     return corpus, scores
 
 
