@@ -23,7 +23,9 @@ setup(
     install_requires=REQUIREMENTS,
     extras_require={
         "convert": CONVERT,
-        "test": CONVERT + ["pytest>=8.0"],
+        # pycocoevalcap ships the jars METEOR (and the Java PTB tokenizer) run from; tests compare against it
+        "eval": ["pycocoevalcap==1.2"],
+        "test": CONVERT + ["pytest>=8.0", "pycocoevalcap==1.2"],
     },
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )

@@ -238,6 +238,30 @@ def test_a_killed_job_resumes_from_its_shards(runs, data, models, tmp_path):
     assert again["metrics"] == runs[1][0]["retrieval"]["metrics"]
 
 
+def test_two_processes_split_the_work_and_agree(runs, data, models, tmp_path):
+    """`blip-jax eval` in 2 processes (jax.distributed on 127.0.0.1, gloo): each computes its shards,
+    both read all of them, process 0 writes the same results as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = _spec(data, models, tmp_path)["jobs"]["retrieval"]
+    flags = [f"--config.{k}={v}" for k, v in job["overrides"].items()]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "blip_jax.cli", "eval", "--config=configs/eval/retrieval.py:coco",
+                               f"--ckpt={job['ckpt']}", f"--workdir={tmp_path / 'two'}", "--noprogress",
+                               f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                               "--cpu_collectives", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outputs]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["metrics"] == runs[1][0]["retrieval"]["metrics"]
+    shards = sorted((tmp_path / "two" / "shards" / "image_embeddings").glob("*.npz"))
+    assert len(shards) == 3  # 11 images in shards of 4, computed by processes 0, 1, 0
+
+
 def test_score_command_agrees_with_the_jobs(runs, data, tmp_path, capsys):
     from blip_jax.cli import main
 

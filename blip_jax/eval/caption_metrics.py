@@ -1,7 +1,7 @@
 """COCO caption metrics, equal to the reference COCO caption evaluation (pycocoevalcap 1.2, used by LAVIS).
 
 ``score_captions(predictions, references)`` tokenizes both sides like pycocoevalcap's ``PTBTokenizer``
-(see ``ptb_tokenizer``: the CoreNLP jar when Java is available, else an exact pure-Python port) and
+(see ``ptb_tokenizer``: the CoreNLP jar when Java is available, else our Python tokenizer, equal on caption text) and
 computes:
 
 * BLEU-1..4: pycocoevalcap's ``BleuScorer`` with ``option="closest"``: per image, n-gram matches clipped
