@@ -25,7 +25,7 @@ from blip_jax.models.med import merge_cache, split_cache
 from blip_jax.text import BlipTokenizer
 
 # What each architecture serves.
-TASKS = {"caption": ("caption",), "retrieval": ("itm", "itc"), "vqa": ("vqa",)}
+TASKS = {"caption": ("caption",), "retrieval": ("itm", "itc"), "vqa": ("vqa",), "pretrain": ("caption", "itm", "itc")}
 
 # Decoding defaults of the BLIP paper / reference code; every option can be overridden per call.
 CAPTION_DEFAULTS = dict(num_beams=3, max_new_tokens=20, min_new_tokens=5)

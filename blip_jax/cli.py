@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         from blip_jax.eval.main import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["capfilt"]:  # the same, for CapFilt dataset bootstrapping (see blip_jax.capfilt)
+        from blip_jax.capfilt import main as capfilt_main
+
+        return capfilt_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -4,6 +4,9 @@
   caption    vision + text_decoder (LM head tied to its word embeddings)   BlipForConditionalGeneration
   retrieval  vision + text_encoder + vision_proj, text_proj, itm_head      BlipForImageTextRetrieval
   vqa        vision + text_encoder (question) + text_decoder (answer)      BlipForQuestionAnswering
+  pretrain   all of them plus the learnable ITC temperature `temp`: what BLIP pre-trains (ITC, ITM,
+             LM) and fine-tunes for retrieval; its decoder shares every parameter but the
+             self-attention with the encoder (see `blip_jax.models.tying`)
 Methods are called with `model.apply(variables, ..., method=Blip.<name>)`.
 """
 
@@ -34,14 +37,16 @@ class Blip(nn.Module):
         stack = dict(scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
         arch = cfg.architecture
         self.vision = VisionTransformer(cfg.vision, **kw, **stack)
-        if arch in ("retrieval", "vqa"):
+        if arch in ("retrieval", "vqa", "pretrain"):
             self.text_encoder = TextTransformer(cfg.text, **kw, **stack)
-        if arch in ("caption", "vqa"):
+        if arch in ("caption", "vqa", "pretrain"):
             self.text_decoder = TextTransformer(cfg.text, lm_head=True, **kw, **stack)
-        if arch == "retrieval":
+        if arch in ("retrieval", "pretrain"):
             self.vision_proj = layers.Dense(cfg.embed_dim, ("embed", None), **kw)
             self.text_proj = layers.Dense(cfg.embed_dim, ("embed", None), **kw)
             self.itm_head = layers.Dense(2, ("embed", None), **kw)
+        if arch == "pretrain":  # ITC temperature, 0.07 at the start (BLIP)
+            self.temp = self.param("temp", nn.initializers.constant(0.07), (), jnp.float32)
 
     # ----------------------------------------------------------------- shared pieces
     def encode_image(self, pixel_values, deterministic: bool = True):
@@ -65,9 +70,9 @@ class Blip(nn.Module):
         """Unit-norm ITC image features [B, embed_dim] from the CLS token."""
         return l2_normalize(self.vision_proj(image_embeds[:, 0]))
 
-    def text_features(self, input_ids, attention_mask):
+    def text_features(self, input_ids, attention_mask, deterministic: bool = True):
         """Unit-norm ITC text features [B, embed_dim] from the unimodal encoder's [CLS]."""
-        hidden, _ = self.text_encoder(input_ids, attention_mask)
+        hidden, _ = self.text_encoder(input_ids, attention_mask, deterministic=deterministic)
         return l2_normalize(self.text_proj(hidden[:, 0]))
 
     def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
@@ -91,11 +96,13 @@ class Blip(nn.Module):
         arch = self.config.architecture
         if arch == "caption":
             out["logits"], _ = self.decode(input_ids, attention_mask, image_embeds, deterministic=deterministic)
-        elif arch == "retrieval":
+        elif arch in ("retrieval", "pretrain"):
             out["itm_logits"] = self.itm_logits(image_embeds, input_ids, attention_mask, deterministic)
             image_feat = self.image_features(image_embeds)
             text_feat = self.text_features(input_ids, attention_mask)
             out["itc_similarity"] = image_feat @ text_feat.T
+            if arch == "pretrain":
+                out["logits"], _ = self.decode(input_ids, attention_mask, image_embeds, deterministic=deterministic)
         else:
             question = self.encode_question(image_embeds, input_ids, attention_mask, deterministic)
             out["question_states"] = question

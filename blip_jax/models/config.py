@@ -85,7 +85,7 @@ class TextConfig:
 class BlipConfig:
     """A BLIP model: which task heads it has (`architecture`) and how it computes."""
 
-    architecture: str = "caption"  # caption | retrieval | vqa
+    architecture: str = "caption"  # caption | retrieval | vqa | pretrain (every head, for training)
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     embed_dim: int = 256  # ITC projection width (HF image_text_hidden_size)
@@ -94,7 +94,7 @@ class BlipConfig:
     scan_layers: bool = False  # run each layer stack as one nn.scan (and store it stacked)
     remat_policy: str = "none"  # none | full | dots (nn.remat around each layer when training)
 
-    ARCHITECTURES = ("caption", "retrieval", "vqa")
+    ARCHITECTURES = ("caption", "retrieval", "vqa", "pretrain")
 
     def __post_init__(self):
         if self.architecture not in self.ARCHITECTURES:

@@ -75,7 +75,10 @@ def base() -> ml_collections.ConfigDict:
     c.trainable = list(TRAINABLE)
     c.optim = dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, decay_steps=100, b1=0.9, b2=0.98, eps=1e-8,
                    weight_decay=0.05, clip_norm=0.0)
-    c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1)
+    c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1,
+                  # BLIP: momentum encoders, queues, distillation, [ENC] / prompt token counts (set per run)
+                  momentum=0.995, alpha=0.4, alpha_ramp_steps=2000, queue_size=57600,
+                  blip_lm_label_smoothing=0.1, enc_token_id=-1, prompt_length=0)
     c.data = data_defaults()
     c.model = ml_collections.ConfigDict(dict(
         init_from="",  # a converted blip-jax model directory; empty: random initialisation from the fields
@@ -89,6 +92,45 @@ def base() -> ml_collections.ConfigDict:
                      use_qformer_text_input=False),
         llm=dict(),
     ))
+    return c
+
+
+def blip_base(objective: str) -> ml_collections.ConfigDict:
+    """A BLIP training config (ViT-B/16 and BERT-base MED; everything trains), from `base()`."""
+    c = base()
+    c.objective = objective
+    c.trainable = [r".*"]
+    c.optim.update(lr=3e-4 if objective == "blip_pretrain" else 1e-5, min_lr=1e-6, warmup_steps=3000, b2=0.999,
+                   weight_decay=0.05)
+    c.data.augment = "blip_train"  # RandAugment as BLIP
+    c.data.max_words = 30 if objective == "blip_pretrain" else 50
+    c.data.max_text_len = 35
+    m = c.model
+    m.embed_dim = 256
+    m.vision = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                    image_size=224 if objective == "blip_pretrain" else 384, patch_size=16, layer_norm_eps=1e-6,
+                    final_norm=True)
+    m.text = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                  max_position_embeddings=512, layer_norm_eps=1e-12, encoder_hidden_size=768,
+                  hidden_dropout=0.1, attention_dropout=0.1)
+    return c
+
+
+def blip_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a BLIP config to run on a CPU (tests, demos, the CapFilt experiment)."""
+    c.batch_size = 8
+    c.total_steps = 20
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=2, decay_steps=60)
+    c.loss.update(queue_size=64, alpha_ramp_steps=50)
+    c.data.update(image_size=32, max_text_len=16, augment="eval")
+    m = c.model
+    m.embed_dim = 16
+    m.vision = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32, patch_size=8,
+                    layer_norm_eps=1e-6, final_norm=True)
+    m.text = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
+                  layer_norm_eps=1e-12, encoder_hidden_size=32, hidden_dropout=0.0, attention_dropout=0.0)
     return c
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import zlib
 from pathlib import Path
 
 import jax
@@ -29,7 +30,7 @@ from blip_jax.data.instructions import instruct, sample_answer
 from blip_jax.data.records import BadRecord
 from blip_jax.data.synthetic import WORDS
 from blip_jax.text import QFORMER_TOKENIZER, BlipTokenizer, word_level_tokenizer
-from blip_jax.train import sharding
+from blip_jax.train import objectives, sharding
 
 iterator_state = pipeline.iterator_state
 restore_iterator = pipeline.restore_iterator
@@ -84,9 +85,11 @@ class Task:
     def vocab(self) -> dict:
         """Token ids a randomly initialised model must agree with."""
         out = {}
-        if self.qformer_tokenizer is not None:
-            out["qformer_vocab_size"] = len(self.qformer_tokenizer)
-            out["qformer_bos_token_id"] = self.qformer_tokenizer.bos_token_id
+        if self.qformer_tokenizer is not None:  # the BERT tokenizer: Q-Former's, or BLIP's text transformer's
+            tok = self.qformer_tokenizer
+            out.update(qformer_vocab_size=len(tok), qformer_bos_token_id=tok.bos_token_id,
+                       qformer_pad_token_id=tok.pad_token_id, qformer_sep_token_id=tok.sep_token_id,
+                       qformer_enc_token_id=tok.enc_token_id)
         if self.llm_tokenizer is not None:
             tok = self.llm_tokenizer
             out.update(llm_vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -117,13 +120,16 @@ class Task:
             record = {**record, "caption": record["captions"][int(rng.integers(len(record["captions"])))]}
         image = transforms.decode_image(record["image"])
         out = {"pixels": (self.train_image if train else self.eval_image)(image, rng)}
-        if self.cfg.objective == "stage1":
+        if self.cfg.objective in ("stage1", *objectives.BLIP):  # BERT tokens of the caption
             if "caption" not in record:
-                raise BadRecord("bad_text", "stage 1 trains on captions; the record has none")
+                raise BadRecord("bad_text", f"{self.cfg.objective} trains on captions; the record has none")
             text = transforms.pre_caption(record["caption"], d.max_words, d.prompt)
             ids, mask = _pad([self.qformer_tokenizer.encode(text)], d.max_text_len,
                              self.qformer_tokenizer.pad_token_id)
-            return {**out, "text_ids": ids[0], "text_mask": mask[0]}
+            out.update(text_ids=ids[0], text_mask=mask[0])
+            if self.cfg.objective == "blip_retrieval":  # texts of one image are each other's positives
+                out["image_index"] = np.int32(self.image_index(record))
+            return out
         prompt, target = self._texts(record, rng)
         instruct_mode = self.cfg.model.instruct
         tok = self.llm_tokenizer
@@ -149,6 +155,12 @@ class Task:
         loss_mask = mask.copy()
         loss_mask[:, :loss_from] = 0
         return {**out, "ids": ids[0], "mask": mask[0], "loss_mask": loss_mask[0]}
+
+    def image_index(self, record: dict) -> int:
+        """A stable non-negative integer per image (retrieval fine-tuning's positives)."""
+        if "index" in record and "image_id" not in record:  # synthetic records: one caption per image
+            return int(record["index"])
+        return zlib.crc32(str(record.get("image_id", record["image"])).encode()) & 0x7FFFFFFF
 
     def eval_batch(self, records: list[dict]) -> dict:
         """Records -> one stacked batch with the evaluation image transform (bad records raise)."""
@@ -180,8 +192,11 @@ def batch_shapes(cfg, image_size: int, encoder_decoder: bool) -> dict:
     b, length = cfg.batch_size, cfg.data.max_text_len
     tokens = jax.ShapeDtypeStruct((b, length), np.int32)
     out = {"pixels": jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32)}
-    if cfg.objective == "stage1":
-        return {**out, "text_ids": tokens, "text_mask": tokens}
+    if cfg.objective == "stage1" or cfg.objective in objectives.BLIP:
+        out.update(text_ids=tokens, text_mask=tokens)
+        if cfg.objective == "blip_retrieval":
+            out["image_index"] = jax.ShapeDtypeStruct((b,), np.int32)
+        return out
     if cfg.model.instruct:
         out.update(qformer_ids=tokens, qformer_mask=tokens)
     names = ("ids", "mask", "targets", "target_mask") if encoder_decoder else ("ids", "mask", "loss_mask")
@@ -190,6 +205,7 @@ def batch_shapes(cfg, image_size: int, encoder_decoder: bool) -> dict:
 
 def make_task(cfg, image_size: int, encoder_decoder: bool) -> Task:
     records, skipped = sources.build_records(cfg.data, seed=cfg.data.seed)
-    needs_qformer_text = cfg.objective == "stage1" or cfg.model.instruct
+    bert_only = cfg.objective == "stage1" or cfg.objective in objectives.BLIP
+    needs_qformer_text = bert_only or cfg.model.instruct
     return Task(cfg, records, image_size, _qformer_tokenizer(cfg) if needs_qformer_text else None,
-                None if cfg.objective == "stage1" else _llm_tokenizer(cfg), encoder_decoder, skipped)
+                None if bert_only else _llm_tokenizer(cfg), encoder_decoder, skipped)

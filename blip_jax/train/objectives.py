@@ -1,6 +1,7 @@
-"""The losses of the one trainer: each stage is a function `(model, params, batch, rng, cfg) ->
-(loss, metrics)` over a global batch (jit sees global arrays, so "all-gathered" features and
-negatives mined "across devices" are simply the whole batch; XLA inserts the collectives).
+"""The losses of the one trainer: each stage is a function `(model, params, batch, rng, cfg, extra) ->
+(loss, metrics, extra)` over a global batch (jit sees global arrays, so "all-gathered" features and
+negatives mined "across devices" are simply the whole batch; XLA inserts the collectives). `extra`
+is an objective's own state (BLIP's momentum encoders and queues; empty for the others).
 
 Batches (numpy / jax arrays, batch-major):
   all         pixels [B, H, W, 3] (normalised, NHWC)
@@ -9,6 +10,8 @@ Batches (numpy / jax arrays, batch-major):
               (decoder LLMs: the text / the output after the instruction)
   lm (T5)     ids, mask: encoder text after the soft prompt; targets, target_mask: decoder targets
   instruct    qformer_ids, qformer_mask: the instruction for the Q-Former (both LM variants)
+  blip_*      text_ids, text_mask [B, T]: BERT tokens ([CLS] text [SEP]); blip_retrieval also
+              image_index [B] (texts of one image share it)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 
 from blip_jax.losses import IGNORE, cross_entropy
 from blip_jax.models.blip2 import Blip2
+from blip_jax.train import blip_objectives
 
 TEMP_RANGE = (0.001, 0.5)  # LAVIS clamps the learnable ITC temperature
 
@@ -27,7 +31,7 @@ def _masked_ce(logits, targets, weights, label_smoothing=0.0):
     return cross_entropy(logits, jnp.where(weights > 0, targets, IGNORE), label_smoothing)
 
 
-def stage1(model: Blip2, params, batch, rng, cfg):
+def stage1(model: Blip2, params, batch, rng, cfg, extra):
     """BLIP-2 stage 1: ITC + ITM (hard negatives) + ITG, equal weights (LAVIS Blip2Qformer)."""
     v = {"params": params}
     rngs = dict(zip(("dropout", "negatives"), jax.random.split(rng)))
@@ -66,10 +70,10 @@ def stage1(model: Blip2, params, batch, rng, cfg):
     itg = _masked_ce(logits[:, :-1], ids[:, 1:], mask[:, 1:], cfg.itg_label_smoothing)
 
     loss = itc + itm + itg
-    return loss, {"itc": itc, "itm": itm, "itg": itg, "temperature": temp}
+    return loss, {"itc": itc, "itm": itm, "itg": itg, "temperature": temp}, extra
 
 
-def language_modeling(model: Blip2, params, batch, rng, cfg):
+def language_modeling(model: Blip2, params, batch, rng, cfg, extra):
     """Stage 2 and instruction tuning: the LM loss of the target tokens after the soft prompt (decoder
     LLMs: predicted one position earlier; T5: teacher-forced decoder targets)."""
     v = {"params": params}
@@ -87,7 +91,7 @@ def language_modeling(model: Blip2, params, batch, rng, cfg):
         logits = model.apply(v, prefix, batch["ids"], batch["mask"], method=Blip2.language_model_logits)
         logits = logits[:, prefix.shape[1] - 1: -1]  # text token t is predicted at position Q - 1 + t
         lm = _masked_ce(logits, batch["ids"], batch["loss_mask"], cfg.lm_label_smoothing)
-    return lm, {"lm": lm}
+    return lm, {"lm": lm}, extra
 
 
 def lm_weight(batch):
@@ -95,7 +99,11 @@ def lm_weight(batch):
     return jnp.sum(batch["target_mask" if "target_mask" in batch else "loss_mask"] > 0)
 
 
-OBJECTIVES = {"stage1": stage1, "lm": language_modeling}
+OBJECTIVES = {"stage1": stage1, "lm": language_modeling, "blip_pretrain": blip_objectives.pretrain,
+              "blip_retrieval": blip_objectives.retrieval, "blip_caption": blip_objectives.caption}
+# objectives with their own state: its initialiser `(params, loss cfg, rng, batch_size) -> extra`
+EXTRA = {"blip_pretrain": blip_objectives.init_extra, "blip_retrieval": blip_objectives.init_extra}
+BLIP = ("blip_pretrain", "blip_retrieval", "blip_caption")  # objectives of the BLIP model (the rest: BLIP-2)
 # each objective's weight of a microbatch in gradient accumulation (None: equal weights; stage 1's
 # contrastive and matching losses see the microbatch's in-batch negatives only, whatever the weights)
-WEIGHTS = {"stage1": None, "lm": lm_weight}
+WEIGHTS = {"stage1": None, "lm": lm_weight, "blip_caption": None}

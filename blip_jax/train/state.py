@@ -5,6 +5,7 @@ tree (with optimizer state) and the frozen tree (no gradients, no optimizer stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -15,18 +16,23 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from blip_jax import checkpoint
+from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
-from blip_jax.models.config import VisionConfig
+from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 from blip_jax.models.llm import FAMILIES
 from blip_jax.models.qformer import QFormerConfig
-from blip_jax.train import partition, sharding
+from blip_jax.models.tying import untie
+from blip_jax.train import objectives, partition, sharding
 
 
-def model_config(cfg, vocab: dict | None = None) -> Blip2Config:
-    """The Blip2Config a train config describes: a converted checkpoint's (`model.init_from`) or one
+def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
+    """The model config a train config describes: a converted checkpoint's (`model.init_from`) or one
     built from the config's fields (random initialisation, vocabulary sizes and special token ids
-    from `vocab`, the task's tokenizers), with the run's dtypes and layout."""
+    from `vocab`, the task's tokenizers), with the run's dtypes and layout. BLIP objectives get a
+    `BlipConfig`, the others a `Blip2Config`."""
     m = cfg.model
+    if cfg.objective in objectives.BLIP:
+        return blip_model_config(cfg, vocab)
     run = dict(dtype=m.dtype, param_dtype="float32", frozen_param_dtype=m.frozen_dtype, qformer_dtype=m.qformer_dtype,
                scan_layers=m.scan_layers, remat_policy=m.remat_policy, stage1_heads=cfg.objective == "stage1")
     if m.init_from:
@@ -54,6 +60,35 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config:
         qformer_max_positions=m.qformer_max_positions, **run)
 
 
+def blip_model_config(cfg, vocab: dict | None = None) -> BlipConfig:
+    """BLIP: the "pretrain" architecture (every head, tied decoder) for pre-training and retrieval,
+    "caption" for caption fine-tuning."""
+    m = cfg.model
+    architecture = "caption" if cfg.objective == "blip_caption" else "pretrain"
+    run = dict(dtype=m.dtype, param_dtype="float32", scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    if m.init_from:
+        base = checkpoint.read_config(m.init_from)
+        if not isinstance(base, BlipConfig):
+            raise ValueError(f"{m.init_from} is not a BLIP model directory")
+        return base.replace(architecture=architecture, **run)
+    vocab = vocab or {}
+    ids = {"vocab_size": vocab.get("qformer_vocab_size"), "bos_token_id": vocab.get("qformer_bos_token_id"),
+           "pad_token_id": vocab.get("qformer_pad_token_id"), "sep_token_id": vocab.get("qformer_sep_token_id")}
+    text = TextConfig(**{**m.text.to_dict(), **{k: v for k, v in ids.items() if v is not None}})
+    return BlipConfig(architecture=architecture, vision=VisionConfig(**m.vision.to_dict()), text=text,
+                      embed_dim=m.embed_dim, **run)
+
+
+def model_of(config):
+    """(module, init args, init kwargs) of a model config."""
+    if isinstance(config, BlipConfig):
+        size = config.vision.image_size
+        ids = jnp.zeros((1, 4), jnp.int32)
+        return Blip(config), (jnp.zeros((1, size, size, 3), jnp.float32), ids, jnp.ones_like(ids)), {}
+    args, kwargs = _init_inputs(config)
+    return Blip2(config), args, kwargs
+
+
 def _flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
@@ -66,9 +101,9 @@ def _unflat(flat):
 class ModelState:
     """Everything the train step needs besides the batch."""
 
-    model: Blip2
-    config: Blip2Config
-    train: dict  # {"step", "params" (trainable), "opt_state", "rng", "bad_step"}
+    model: Blip2 | Blip
+    config: Blip2Config | BlipConfig
+    train: dict  # {"step", "params" (trainable), "opt_state", "extra", "rng", "bad_step"}
     frozen: dict  # frozen parameters
     param_shardings: dict  # all parameters (merged tree)
     mesh: Mesh
@@ -78,9 +113,8 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     """(params placed in their shardings, their shardings, paths initialised at random). With
     `init_from`, stored parameters are restored into their shardings and only the others initialised:
     init runs under jit with only those outputs, so the rest is never materialised."""
-    model = Blip2(config)
-    args, kwargs = _init_inputs(config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
+    model, args, kwargs = model_of(config)
+    boxed = untie(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"])
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = nn.unbox(boxed)
     flat_sh, flat_abs = _flat(shardings), _flat(abstract)
@@ -95,7 +129,7 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     missing = sorted(p for p in flat_abs if p not in restored)
     if missing:
         def init_missing(key):
-            params = _flat(nn.unbox(model.init(key, *args, **kwargs)["params"]))
+            params = _flat(untie(nn.unbox(model.init(key, *args, **kwargs)["params"])))
             return {p: params[p] for p in missing}
 
         out_sh = {p: flat_sh[p] for p in missing}
@@ -118,10 +152,18 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
     replicated = sharding.replicated(mesh)
     scalars = {"step": jnp.zeros((), jnp.int32), "rng": train_rng, "bad_step": jnp.full((), -1, jnp.int32)}
-    train = {"params": trainable, "opt_state": opt_state, **jax.device_put(scalars, replicated)}
+    extra = {}
+    if cfg.objective in objectives.EXTRA:  # e.g. BLIP's momentum encoders (sharded like their twins) and queues
+        init_extra = functools.partial(objectives.EXTRA[cfg.objective], cfg=cfg.loss, batch_size=cfg.batch_size)
+        shapes = jax.eval_shape(lambda p, r: init_extra(p, rng=r), params, rng)
+        extra_sh = {k: (jax.tree.map(lambda x: x.sharding, {n: params[n] for n in v}) if k == "momentum"
+                        else jax.tree.map(lambda _: replicated, v)) for k, v in shapes.items()}
+        with mesh:
+            extra = jax.jit(lambda p, r: init_extra(p, rng=r), out_shardings=extra_sh)(params, rng)
+    train = {"params": trainable, "opt_state": opt_state, "extra": extra, **jax.device_put(scalars, replicated)}
     # committed arrays: the train step then sees the same input placements at every call (one compile)
     train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
-    return ModelState(Blip2(config), config, train, frozen, shardings, mesh)
+    return ModelState(model_of(config)[0], config, train, frozen, shardings, mesh)
 
 
 def opt_state_shardings(opt_state, param_shardings, mesh: Mesh):

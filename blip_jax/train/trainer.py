@@ -36,8 +36,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
     objective = functools.partial(objectives.OBJECTIVES[cfg.objective], model, cfg=cfg.loss)
     accum = int(cfg.grad_accum_steps)
 
-    def loss_of(trainable, frozen, micro, rng):
-        return objective(partition.merge(trainable, frozen), micro, rng)
+    if accum > 1 and cfg.objective in objectives.EXTRA:
+        raise ValueError(f"{cfg.objective} keeps momentum encoders and queues updated every step: "
+                         "grad_accum_steps must be 1")
+
+    def loss_of(trainable, frozen, micro, rng, extra):
+        loss, metrics, extra = objective(partition.merge(trainable, frozen), micro, rng, extra=extra)
+        return loss, (metrics, extra)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -51,8 +56,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
     def _train_step(train, frozen, batch):
         rng = jax.random.fold_in(train["rng"], train["step"])
         params = train["params"]
+        extra = train["extra"]
         if accum == 1:
-            (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
+            (loss, (metrics, extra)), grads = grad_fn(params, frozen, batch, rng, extra)
         else:  # microbatches in a scan: one optimizer update for the whole batch
             micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
             # each microbatch's mean weighs what it averages over (the LM loss: its target tokens), so
@@ -61,11 +67,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
 
             def body(carry, xs):
                 i, mb = xs
-                (l, m), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+                (l, (m, _)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), extra)
                 w = jnp.asarray(weight_of(mb), jnp.float32)
                 return jax.tree.map(lambda c, x: (c + w * x).astype(c.dtype), carry, (l, m, g, 1.0)), None
 
-            (l_s, m_s), g_s = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+            (l_s, (m_s, _)), g_s = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng,
+                                                  extra)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l_s, m_s, g_s))
             (loss, metrics, grads, total), _ = jax.lax.scan(body, (*zeros, jnp.zeros((), jnp.float32)),
                                                             (jnp.arange(accum), micro))
@@ -80,7 +87,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
         step = train["step"]
         bad = jnp.where((train["bad_step"] < 0) & ~finite, step, train["bad_step"])
         new_train = {"step": step + 1, "params": keep(new_params, params),
-                     "opt_state": keep(opt_state, train["opt_state"]), "rng": train["rng"], "bad_step": bad}
+                     "opt_state": keep(opt_state, train["opt_state"]), "rng": train["rng"], "bad_step": bad,
+                     "extra": keep(extra, train["extra"])}
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                    "learning_rate": optim.schedule(cfg.optim)(step), "skipped": (~finite).astype(jnp.int32)}
         return new_train, metrics
@@ -134,7 +142,7 @@ def _checkpoint_manager(workdir: Path, cfg) -> ocp.CheckpointManager:
 def _save_frozen(workdir: Path, frozen: dict, cfg):
     """Frozen parameters are written once per run (or referenced to the converted checkpoint)."""
     path = state_lib.frozen_dir(workdir)
-    if cfg.model.init_from or path.exists():
+    if cfg.model.init_from or path.exists() or not jax.tree.leaves(frozen):  # BLIP trains everything
         return
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path.absolute(), frozen)
@@ -157,10 +165,14 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     optimizer = optim.make_optimizer(cfg.optim)
     draft = state_lib.model_config(cfg)
-    task = inputs.make_task(cfg, draft.vision.image_size, bool(draft.family and draft.family.encoder_decoder))
+    task = inputs.make_task(cfg, draft.vision.image_size, bool(getattr(draft, "family", None) and draft.family.encoder_decoder))
     vocab = task.vocab()
-    if cfg.objective == "stage1":
-        cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]  # ITG's first token, [DEC]
+    if cfg.objective == "stage1" or cfg.objective in objectives.BLIP:
+        cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]  # ITG's / LM's first token, [DEC]
+    if cfg.objective in objectives.BLIP:
+        cfg.loss.enc_token_id = vocab["qformer_enc_token_id"]  # ITM's first token, [ENC]
+        if cfg.objective == "blip_caption":  # [DEC] + the prompt's tokens are not targets
+            cfg.loss.prompt_length = len(task.qformer_tokenizer.encode(cfg.data.prompt)) - 1
     st = state_lib.create(cfg, mesh, optimizer, vocab)
     data = task.iterator(process_index=jax.process_index(), process_count=jax.process_count())
     manager = _checkpoint_manager(workdir, cfg)

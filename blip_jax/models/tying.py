@@ -1,0 +1,39 @@
+"""BLIP's encoder-decoder weight tying, held once in the parameter tree.
+
+BLIP's text decoder shares every parameter with the text encoder except its causal self-attention
+(and its LM head): embeddings, cross-attention and feed-forward blocks are one set of weights. The
+stored (and optimised) tree of a "pretrain" model therefore keeps `text_encoder` whole and, under
+`text_decoder`, only what is the decoder's own; `tie` assembles the full decoder view at apply time
+from the same arrays (no copy: gradients of both uses reach the one parameter), `untie` drops the
+shared entries from a full tree.
+"""
+
+from __future__ import annotations
+
+from flax import traverse_util
+
+ENCODER, DECODER = "text_encoder", "text_decoder"
+
+
+def decoder_owns(path: str) -> bool:
+    """Whether a decoder parameter (path below text_decoder/) is the decoder's own."""
+    return "/self_attn/" in f"/{path}" or path.startswith("head_")
+
+
+def untie(params: dict) -> dict:
+    """A full tree with the decoder's shared parameters removed (the stored form)."""
+    if DECODER not in params or ENCODER not in params:
+        return params
+    flat = traverse_util.flatten_dict(params[DECODER], sep="/")
+    own = {k: v for k, v in flat.items() if decoder_owns(k)}
+    return {**params, DECODER: traverse_util.unflatten_dict(own, sep="/")}
+
+
+def tie(params: dict) -> dict:
+    """The full tree a `Blip` module applies: the decoder's own parameters plus the encoder's shared ones."""
+    if DECODER not in params or ENCODER not in params:
+        return params
+    encoder = traverse_util.flatten_dict(params[ENCODER], sep="/")
+    own = traverse_util.flatten_dict(params[DECODER], sep="/")
+    shared = {k: v for k, v in encoder.items() if not decoder_owns(k)}
+    return {**params, DECODER: traverse_util.unflatten_dict({**shared, **own}, sep="/")}

@@ -1,0 +1,165 @@
+"""BLIP's own objectives (salesforce/BLIP, LAVIS): pre-training and fine-tuning for retrieval and
+captioning, on the `Blip` module.
+
+Pre-training = ITC + ITM + LM, equal weights:
+  ITC  unit-norm CLS projections, similarities over the global batch plus feature queues filled by
+       momentum encoders (EMA of ViT, text encoder and projections, `momentum` 0.995), divided by
+       the learnable temperature clamped to [0.001, 0.5]; targets (1 - alpha) * one-hot + alpha *
+       softmax(momentum similarities), alpha ramped linearly from 0 over `alpha_ramp_steps`.
+  ITM  [ENC] text over the image: each image with a hard negative text and each text with a hard
+       negative image, drawn from softmax(similarity) + 1e-4 with the positives removed.
+  LM   [DEC] text, next-token cross-entropy with label smoothing 0.1 on every real token.
+Retrieval fine-tuning is ITC + ITM where texts of the same image (`image_index`) are all positives
+(also against an index queue), and ITM never draws a same-image negative. Caption fine-tuning is
+the LM loss with the prompt ("a picture of ") left out of the targets.
+
+The momentum parameters and queues are the objective's state (`extra`, checkpointed with the train
+state, momentum sharded like the online parameters); `init_extra` makes it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from blip_jax.losses import IGNORE, cross_entropy
+from blip_jax.models.blip import Blip
+from blip_jax.models.tying import tie
+
+TEMP_RANGE = (0.001, 0.5)
+MOMENTUM_KEYS = ("vision", "text_encoder", "vision_proj", "text_proj")  # BLIP's model_pairs
+
+
+def init_extra(params, cfg, rng, batch_size: int) -> dict:
+    """Momentum copies of the online encoders, unit-norm random feature queues [E, queue_size], the
+    index queue (-1: matches no image), the queue pointer and an update counter."""
+    size = int(cfg.queue_size)
+    if size % batch_size:
+        raise ValueError(f"queue_size {size} must be divisible by the global batch size {batch_size}")
+    embed = params["vision_proj"]["kernel"].shape[-1]
+    k_img, k_txt = jax.random.split(rng)
+
+    def queue(key):
+        q = jax.random.normal(key, (embed, size), jnp.float32)
+        return q / jnp.linalg.norm(q, axis=0, keepdims=True)
+
+    return {"momentum": jax.tree.map(jnp.array, {k: params[k] for k in MOMENTUM_KEYS}),
+            "image_queue": queue(k_img), "text_queue": queue(k_txt),
+            "idx_queue": jnp.full((size,), -1, jnp.int32), "ptr": jnp.zeros((), jnp.int32),
+            "updates": jnp.zeros((), jnp.int32)}
+
+
+def _ema(momentum, params, m: float):
+    return jax.tree.map(lambda a, b: a * m + jax.lax.stop_gradient(b).astype(a.dtype) * (1 - m), momentum,
+                        {k: params[k] for k in momentum})
+
+
+def _soft_ce(logits, targets):
+    """Mean over rows of -sum(targets * log_softmax(logits))."""
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits, axis=-1) * targets, axis=-1))
+
+
+def _enqueue(queue, values, ptr):
+    """Write `values` (columns for feature queues [E, B]; a vector for the index queue) at `ptr`."""
+    if queue.ndim == 1:
+        return jax.lax.dynamic_update_slice(queue, values.astype(queue.dtype), (ptr,))
+    return jax.lax.dynamic_update_slice(queue, values.astype(queue.dtype), (0, ptr))
+
+
+def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm: bool, by_image: bool):
+    """ITC with momentum distillation and queues + ITM with hard negatives (+ LM); see the module doc."""
+    full = tie(params)
+    v = {"params": full}
+    r_drop, r_neg = jax.random.split(rng)
+
+    def apply(method, *args, **kwargs):
+        return model.apply(v, *args, method=method, rngs={"dropout": r_drop}, **kwargs)
+
+    ids, mask = batch["text_ids"], batch["text_mask"]  # [CLS] text [SEP]
+    b = ids.shape[0]
+    image = apply(Blip.encode_image, batch["pixels"], deterministic=False)
+    image_feat = apply(Blip.image_features, image)
+    text_feat = apply(Blip.text_features, ids, mask, deterministic=False)
+    temp = jnp.clip(params["temp"], *TEMP_RANGE)
+
+    momentum = _ema(extra["momentum"], params, cfg.momentum)
+    vm = {"params": {**full, **momentum}}
+    image_m = model.apply(vm, batch["pixels"], method=Blip.encode_image)
+    image_feat_m = jax.lax.stop_gradient(model.apply(vm, image_m, method=Blip.image_features))
+    text_feat_m = jax.lax.stop_gradient(model.apply(vm, ids, mask, method=Blip.text_features))
+    image_all = jnp.concatenate([image_feat_m, extra["image_queue"].T])  # [B + Q, E]
+    text_all = jnp.concatenate([text_feat_m, extra["text_queue"].T])
+    idx = batch["image_index"] if by_image else jnp.arange(b, dtype=jnp.int32)
+    if by_image:  # every text of the same image is a positive, in the batch and in the queue
+        idx_all = jnp.concatenate([idx, extra["idx_queue"]])
+        positives = (idx[:, None] == idx_all[None, :]).astype(jnp.float32)
+        targets = positives / positives.sum(1, keepdims=True)
+    else:  # pre-training: only the pair itself
+        targets = jnp.eye(b, b + extra["image_queue"].shape[1], dtype=jnp.float32)
+    alpha = cfg.alpha * jnp.minimum(1.0, extra["updates"].astype(jnp.float32) / max(1, cfg.alpha_ramp_steps))
+    sim_i2t_m = image_feat_m @ text_all.T / temp
+    sim_t2i_m = text_feat_m @ image_all.T / temp
+    i2t_targets = jax.lax.stop_gradient(alpha * jax.nn.softmax(sim_i2t_m, -1) + (1 - alpha) * targets)
+    t2i_targets = jax.lax.stop_gradient(alpha * jax.nn.softmax(sim_t2i_m, -1) + (1 - alpha) * targets)
+    sim_i2t = image_feat @ text_all.T / temp
+    sim_t2i = text_feat @ image_all.T / temp
+    itc = (_soft_ce(sim_i2t, i2t_targets) + _soft_ce(sim_t2i, t2i_targets)) / 2
+
+    # ITM: negatives drawn from the in-batch similarities, never a positive
+    same = idx[:, None] == idx[None, :]
+    k_img, k_txt = jax.random.split(r_neg)
+
+    def negatives(key, sim):
+        weights = jnp.where(same, 0.0, jax.nn.softmax(jax.lax.stop_gradient(sim[:, :b]), -1) + 1e-4)
+        return jax.random.categorical(key, jnp.log(weights))
+
+    neg_image = negatives(k_img, sim_t2i)  # for each text
+    neg_text = negatives(k_txt, sim_i2t)  # for each image
+    enc_ids = ids.at[:, 0].set(cfg.enc_token_id)
+    itm_logits = apply(Blip.itm_logits, jnp.concatenate([image, image[neg_image], image]),
+                       jnp.concatenate([enc_ids, enc_ids, enc_ids[neg_text]]),
+                       jnp.concatenate([mask, mask, mask[neg_text]]), deterministic=False)
+    itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+    itm = cross_entropy(itm_logits, itm_labels)
+    loss, metrics = itc + itm, {"itc": itc, "itm": itm, "temperature": temp, "alpha": alpha}
+
+    if with_lm:
+        lm = _lm(apply, image, ids, mask, cfg, prompt_length=0)
+        loss, metrics = loss + lm, {**metrics, "lm": lm}
+
+    ptr = extra["ptr"]
+    new_extra = {"momentum": momentum, "image_queue": _enqueue(extra["image_queue"], image_feat_m.T, ptr),
+                 "text_queue": _enqueue(extra["text_queue"], text_feat_m.T, ptr),
+                 "idx_queue": _enqueue(extra["idx_queue"], idx, ptr),
+                 "ptr": (ptr + b) % extra["image_queue"].shape[1], "updates": extra["updates"] + 1}
+    return loss, metrics, new_extra
+
+
+def _lm(apply, image, ids, mask, cfg, prompt_length: int):
+    """[DEC] text: next-token cross-entropy with label smoothing on the real tokens after the prompt."""
+    dec_ids = ids.at[:, 0].set(cfg.bos_token_id)
+    logits, _ = apply(Blip.decode, dec_ids, mask, image, deterministic=False)
+    targets = jnp.where(mask[:, 1:] > 0, dec_ids[:, 1:], IGNORE)
+    if prompt_length:
+        targets = targets.at[:, : prompt_length - 1].set(IGNORE)  # the prompt's tokens are given, not learnt
+    return cross_entropy(logits[:, :-1], targets, cfg.blip_lm_label_smoothing)
+
+
+def pretrain(model, params, batch, rng, cfg, extra):
+    return contrastive_matching(model, params, batch, rng, cfg, extra, with_lm=True, by_image=False)
+
+
+def retrieval(model, params, batch, rng, cfg, extra):
+    return contrastive_matching(model, params, batch, rng, cfg, extra, with_lm=False, by_image=True)
+
+
+def caption(model, params, batch, rng, cfg, extra):
+    """Caption fine-tuning: the LM loss after the prompt (`cfg.prompt_length` tokens incl. [DEC])."""
+    v = {"params": tie(params)}
+
+    def apply(method, *args, **kwargs):
+        return model.apply(v, *args, method=method, rngs={"dropout": rng}, **kwargs)
+
+    image = apply(Blip.encode_image, batch["pixels"], deterministic=False)
+    lm = _lm(apply, image, batch["text_ids"], batch["text_mask"], cfg, cfg.prompt_length)
+    return lm, {"lm": lm}, extra

@@ -1,0 +1,20 @@
+"""BLIP pre-training: ITC (momentum distillation, queues) + ITM (hard negatives) + LM, the decoder
+tied to the encoder but for its self-attention.
+
+    blip-jax train --config=configs/blip_pretrain.py:tiny --workdir=/tmp/blip_pretrain
+"""
+
+from blip_jax.train import defaults
+
+
+def get_config(arg: str = "tiny"):
+    c = defaults.blip_base("blip_pretrain")
+    if arg == "tiny":
+        return defaults.blip_tiny(c)
+    if arg == "base":  # the paper (ViT-B): 20 epochs of 14M images, batch 2880, 224 px
+        c.batch_size = 2880
+        c.total_steps = 20 * 14_000_000 // 2880
+        c.optim.update(decay_steps=c.total_steps)
+        c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        return c
+    raise ValueError(f"unknown preset {arg!r}: tiny, base")
