@@ -10,19 +10,19 @@ per-image colour fields plus pixel noise, already normalised) and --texts-per-im
 per image (7-14 words of the vocabulary, i.e. 9-16 tokens with [CLS]/[SEP]; image i owns its
 captions). Both sides then run the whole retrieval evaluation, float32:
 
-  phase          blip-jax (what `blip_jax.eval.retrieval.evaluate` runs, minus image decoding
-                 and its shard files on disk)             PyTorch (LAVIS `compute_sim_matrix`, torch.no_grad, eval mode)
-  images         `model._image_embeds` + `model.features_of` per 256-image shard
-                                                           vision_model -> last_hidden_state (kept), normalize(vision_proj(CLS)), batches of --batch-size
-  texts          `model.text_features` per 256-text shard  tokenizer (all texts once) -> text_encoder -> normalize(text_proj(CLS)), batches of --batch-size
-  sim_topk       `model.similarity`, `topk_candidates` both ways
-                                                           img_feats @ txt_feats.T, topk(k) of each row of sim and sim.T
-  itm_i2t        per image its top-k texts: `model.match_logits` in shards of `itm_shard_pairs // k`
-                 queries, then `rerank` (ITM logit + sim at the top-k, -100 elsewhere)
-                                                           per image its top-k texts: text_encoder(ids, encoder_hidden_states=the image's
-                                                           ViT tokens) -> itm_head(CLS)[:, 1] (= `use_itm_head=True` logits[:, 1]) in
-                                                           batches of --batch-size pairs, score + topk_sim scattered into a -100 matrix
-  itm_t2i        the same for each text's top-k images     the same for each text's top-k images
+  images    JAX: `model._image_embeds` + `model.features_of` per 256-image shard (eval's
+                 embed_images). PyTorch: vision_model -> last_hidden_state (kept for ITM),
+                 normalize(vision_proj(CLS)), batches of --batch-size.
+  texts     JAX: `model.text_features` per 256-text shard. PyTorch: the tokenizer over all texts
+                 once, text_encoder -> normalize(text_proj(CLS)), batches of --batch-size.
+  sim_topk  JAX: `model.similarity`, `topk_candidates` of sim and sim.T. PyTorch: img @ txt.T,
+                 topk(k) of every row of sim and of sim.T.
+  itm_i2t   For each image its top-k texts by sim. JAX: `model.match_logits` in shards of
+                 `itm_shard_pairs // k` queries, then `rerank` (ITM logit + sim at the top-k,
+                 -100 elsewhere). PyTorch: text_encoder(ids, encoder_hidden_states=the image's
+                 ViT tokens) -> itm_head(CLS)[:, 1] (= `use_itm_head=True` logits[:, 1]) in batches
+                 of --batch-size pairs; score + topk_sim scattered into a -100 matrix.
+  itm_t2i   The same for each text's top-k images.
 
 ITM forward passes: n_img * k + n_txt * k (k capped at the candidates), e.g. the paper's COCO 5k
 test (5000 images, 25010 captions, k = 256) has 7.68 M; the measured counts are reported. Both sides
@@ -30,16 +30,21 @@ rank their score matrices with `blip_jax.eval.retrieval_metrics.recall_at_k` (a 
 reference's `itm_eval`); the check: recall metrics equal and score matrices within 1e-3 (the
 max abs differences of the similarity and score matrices are recorded).
 
-Timing: first an untimed warm-up (JAX: one call of every compiled function at every batch shape the
-run uses, so compilation is excluded - a compile listener verifies the timed run compiles nothing -
-and its time is reported; PyTorch: one batch of each piece), then --iters full evaluations, each
-phase run by blip-jax then by PyTorch before the next phase, so that a change of machine load hits
-both alike. Per phase the median over --iters is reported; total = sum of the phase medians;
-ratio = PyTorch time / JAX time (> 1: JAX faster).
+Texts start with [CLS] on both sides, as transformers' `BlipForImageTextRetrieval` takes them (LAVIS
+puts [ENC] there for ITM: the same cost). PyTorch pads the text set to its longest text (16 tokens,
+the width blip-jax's per-batch padding to a multiple of 8 gives these captions);
+`--torch-padding max_length` pads to 35 as LAVIS does.
 
-    python benchmarks/bench_retrieval.py                       # base size, 32 images x 160 texts, k 8: ~8 min on 2 cores
-    python benchmarks/bench_retrieval.py --small               # tiny model, smoke run, < 1 min
-    python benchmarks/bench_retrieval.py --images 64 --k 16    # larger (ITM time grows with (n_img + n_txt) * k)
+Timing: first an untimed warm-up (JAX: the whole image phase once and every other compiled
+function at every batch shape the run uses, so compilation is excluded - a compile listener checks
+that the timed runs compile nothing - and its time is reported; PyTorch: one batch of each
+piece), then --iters full evaluations, each phase run by blip-jax then by PyTorch before the next
+phase, so that a change of machine load hits both alike. Per phase the median over --iters is
+reported; total = sum of the phase medians; ratio = PyTorch time / JAX time (> 1: JAX faster).
+
+    python benchmarks/bench_retrieval.py                     # base: 32 images x 160 texts, k 6; ~8 min on 2 cores
+    python benchmarks/bench_retrieval.py --small             # tiny model, smoke run, < 1 min
+    python benchmarks/bench_retrieval.py --images 64 --k 16  # larger (ITM time grows with (n_img + n_txt) * k)
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ BASE = dict(
     text=dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=512, encoder_hidden_size=768),
     image_text_hidden_size=256,
-    images=32, texts_per_image=5, k=8, batch_size=32,
+    images=32, texts_per_image=5, k=6, batch_size=32,
 )
 SMALL = dict(
     vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -92,7 +97,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=None, help="images (base default 32, small 12)")
     p.add_argument("--texts-per-image", type=int, default=None, help="captions per image (default 5)")
-    p.add_argument("--k", type=int, default=None, help="ITM candidates per query, both ways (base default 8, small 4)")
+    p.add_argument("--k", type=int, default=None, help="ITM candidates per query, both ways (base default 6, small 4)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per forward pass on both sides (base default 32 = blip-jax eval's, small 8)")
     p.add_argument("--image-size", type=int, default=None, help="ViT input size (base default 384, small 64)")
@@ -404,7 +409,8 @@ def main(argv=None) -> dict:
         torch_itm(e_t, enc["input_ids"], enc["attention_mask"], torch.zeros(bs, dtype=torch.long), torch.arange(bs))
     torch_warmup_s = time.perf_counter() - t0
     print(f"warm-up: JAX {jax_warmup_s:.1f} s ({c1[0] - c0[0]} compilations, {c1[1] - c0[1]:.1f} s backend "
-          f"compile; row counts images {image_rows}, texts {text_rows}, ITM {itm_rows}), PyTorch {torch_warmup_s:.1f} s",
+          f"compile; row counts images {image_rows}, texts {text_rows}, ITM {itm_rows}), "
+          f"PyTorch {torch_warmup_s:.1f} s",
           flush=True)
 
     # ------------------------------------------------------------------ timed runs
@@ -484,8 +490,8 @@ def main(argv=None) -> dict:
         note="EXTRAPOLATION, not measured: this run's per-image, per-text and per-ITM-pair seconds (median) times "
              "the COCO 5k test's counts; similarity/top-k time not included",
         setting=dict(PAPER, itm_passes=paper_itm),
-        hours={side: (u["image_s"] * PAPER["images"] + u["text_s"] * PAPER["texts"] + u["itm_pair_s"] * paper_itm) / 3600
-               for side, u in per_unit.items()},
+        hours={side: (u["image_s"] * PAPER["images"] + u["text_s"] * PAPER["texts"]
+                      + u["itm_pair_s"] * paper_itm) / 3600 for side, u in per_unit.items()},
         per_unit=per_unit,
     )
     load_end = os.getloadavg()
@@ -502,7 +508,7 @@ def main(argv=None) -> dict:
         parameters=n_params,
         images=n_img, texts=n_txt, texts_per_image=args.texts_per_image, image_size=args.image_size,
         k=args.k, k_txt=k_txt, k_img=k_img, batch_size=bs, iters=args.iters,
-        text_tokens=dict(min=min(widths), max=max(widths), jax_width=16,
+        text_tokens=dict(min=min(widths), max=max(widths), jax_width=int(model._tokenize(texts)[0].shape[1]),
                          torch_width=int(ts["ids"].shape[1]), torch_padding=args.torch_padding),
         jax_itm_queries_per_shard=queries, scan_layers=args.scan_layers, seed=args.seed, perturb=args.perturb,
         phases_s={side: med[side] for side in med},

@@ -22,7 +22,8 @@ Sharding and resuming (`blip_jax.eval.runner.run_sharded`): records are cut into
 atomically to `W/shards/capfilt/<i>.jsonl`, so a killed job recomputes only unfinished shards. The
 captions of the batch that starts at record `s` are sampled with the seed `derive_seed(seed, s)`,
 the batch padded to `batch_size` rows: captions depend only on (seed, shard_size, batch_size) and the
-data, never on which process or how many devices computed them. The shards hold scores, not
+data, not on which process computed them, nor on the device count as long as it divides
+`batch_size` (a model pads a batch to a multiple of its devices, which changes the random stream). The shards hold scores, not
 decisions: rerunning with another `threshold`, `mode` or `top_k` re-decides without recomputing
 anything. Settings that change the scores are recorded in `W/shards/capfilt.json`; a rerun with
 different ones is refused (use a new workdir).
@@ -46,6 +47,7 @@ Outputs in W (process 0):
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,7 @@ import numpy as np
 STAGE = "capfilt"
 PROVENANCES = ("web", "synthetic")
 MODES = ("itm", "itc_topk")
+MAX_EXAMPLES = 20  # unreadable images listed in summary.json
 TINY = "tiny"  # captioner / filter value: build tiny random models under W/tiny_models (tests, demos)
 # Settings that change the shards' contents (captions or scores); the others only change decisions.
 SCORE_SETTINGS = ("data", "captioner", "filter", "num_captions", "top_p", "prompt", "max_new_tokens",
@@ -176,14 +179,18 @@ def decide(candidates: list[dict], mode: str, threshold: float, top_k: int) -> l
 def count_summary(rows: list[dict], decided: list[dict], num_records: int) -> dict:
     """The counts of summary.json from the shard rows and the decided candidates."""
     unreadable: dict[str, int] = {}
+    examples = []
     bad_texts = 0
     for r in rows:
         if r["kind"] == "unreadable_image":
             unreadable[r["error"]] = unreadable.get(r["error"], 0) + 1
+            if len(examples) < MAX_EXAMPLES:
+                examples.append({k: r[k] for k in ("source_index", "image", "error", "detail")})
         elif r["kind"] == "bad_web_text":
             bad_texts += 1
     counts = {"images": num_records, "readable_images": num_records - sum(unreadable.values()),
-              "unreadable_images": {"total": sum(unreadable.values()), "by_reason": unreadable},
+              "unreadable_images": {"total": sum(unreadable.values()), "by_reason": unreadable,
+                                    "examples": examples},
               "unusable_web_texts": bad_texts}
     for provenance in PROVENANCES:
         mine = [r for r in decided if r["provenance"] == provenance]
@@ -210,9 +217,9 @@ def _tiny_models(workdir: Path) -> dict:
     out = {}
     for architecture in ("caption", "retrieval"):
         dst = workdir / "tiny_models" / architecture
-        if not (dst / "config.json").exists() and not dst.exists():
+        if not (dst / "config.json").exists():
             hf = write_tiny_checkpoint(workdir / "tiny_models" / f"transformers_{architecture}", architecture)
-            convert(hf, dst, progress=False)
+            convert(hf, dst, progress=False, overwrite=True)
         out[architecture] = str(dst)
     return out
 
@@ -257,13 +264,15 @@ def _check_fingerprint(workdir: Path, cfg, captioner, filter_model) -> None:
     fingerprint = {k: settings.get(k) for k in SCORE_SETTINGS}
     fingerprint["captioner"], fingerprint["filter"] = str(captioner.path), str(filter_model.path)
     path = workdir / "shards" / f"{STAGE}.json"
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if old == fingerprint:
+        return
+    folder = workdir / "shards" / STAGE
+    if old is not None and folder.exists() and any(folder.glob("[0-9]*.jsonl")):
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
-            raise ValueError(f"{workdir} holds CapFilt shards made with other settings ({', '.join(changed)}); "
-                             f"use a new workdir, or delete {workdir / 'shards'} to recompute everything")
-    elif jax.process_index() == 0:
+        raise ValueError(f"{workdir} holds CapFilt shards made with other settings ({', '.join(changed)}); "
+                         f"use a new workdir, or delete {workdir / 'shards'} to recompute everything")
+    if jax.process_index() == 0:
         from blip_jax.eval.runner import _atomic_write
 
         _atomic_write(path, lambda f: f.write((json.dumps(fingerprint, indent=2) + "\n").encode("utf-8")))
@@ -283,7 +292,7 @@ def score_batch(captioner, filter_model, records: list[dict], start: int, cfg, k
     from blip_jax.data.records import BadRecord
     from blip_jax.data.transforms import decode_image
 
-    rows, arrays, texts, originals, owners = [], [], [], [], []
+    rows, arrays, owners = [], [], []
     n = int(cfg.num_captions)
     for offset, record in enumerate(records):
         index = start + offset
@@ -291,9 +300,12 @@ def score_batch(captioner, filter_model, records: list[dict], start: int, cfg, k
         if record.get("image_id") is not None:
             ref["image_id"] = str(record["image_id"])
         try:
+            if record.get("image") is None:
+                raise BadRecord("incomplete_sample", "no image")
             arrays.append(decode_image(record["image"]))
         except BadRecord as e:
-            rows.append({"kind": "unreadable_image", **ref, "error": e.reason, "detail": e.detail})
+            detail = re.sub(r" at 0x[0-9a-fA-F]+", "", e.detail)  # object addresses: reruns give equal rows
+            rows.append({"kind": "unreadable_image", **ref, "error": e.reason, "detail": detail})
             continue
         web = []
         for text in web_texts(record):
@@ -324,6 +336,8 @@ def score_batch(captioner, filter_model, records: list[dict], start: int, cfg, k
             candidates.append({"kind": "candidate", **ref, "provenance": "synthetic", "candidate": len(web) + j,
                                "text": clean_text(synthetic, int(cfg.max_words)) or ""})
         image_index += [i] * (len(web) + n)
+    if not candidates:
+        return rows
     texts = [c["text"] for c in candidates]
     image_index = np.asarray(image_index)
     embeds = filter_model.image_embeddings(arrays)
@@ -365,13 +379,18 @@ def _gallery(workdir: Path, source, decided: list[dict], count: int) -> None:
     from blip_jax.data.transforms import decode_image
     from blip_jax.gallery import write_gallery
 
-    by_image: dict[int, list[dict]] = {}
+    groups: dict[int, list[dict]] = {}
     for row in decided:
-        if len(by_image) >= count and row["source_index"] not in by_image:
-            break
-        by_image.setdefault(row["source_index"], []).append(row)
+        groups.setdefault(row["source_index"], []).append(row)
+    # about half the cards show images with a kept text, the rest images with dropped texts
+    with_kept = [i for i, rows in groups.items() if any(r["kept"] for r in rows)]
+    chosen = set(with_kept[: (count + 1) // 2])
+    chosen |= set([i for i in groups if i not in chosen and not all(r["kept"] for r in groups[i])]
+                  [: count - len(chosen)])
+    chosen |= set([i for i in groups if i not in chosen][: count - len(chosen)])
     items = []
-    for index, rows in by_image.items():
+    for index in sorted(chosen):
+        rows = groups[index]
         image = rows[0]["image"]
         if not isinstance(source[index]["image"], str):
             thumb = Image.fromarray(decode_image(source[index]["image"]))
@@ -409,9 +428,9 @@ def run(cfg, workdir: str | Path, *, progress: bool = True, models=None) -> dict
     if int(cfg.num_captions) < 0:
         raise ValueError(f"num_captions must be >= 0, got {cfg.num_captions}")
     captioner, filter_model = models if models is not None else load_models(cfg, workdir)
-    _check_fingerprint(workdir, cfg, captioner, filter_model)
     data = dict(cfg.data)
     source = build_source(data)
+    _check_fingerprint(workdir, cfg, captioner, filter_model)
     kind = data.get("kind", "synthetic")
     n = len(source)
     folder = workdir / "shards" / STAGE
@@ -431,7 +450,8 @@ def run(cfg, workdir: str | Path, *, progress: bool = True, models=None) -> dict
     summary = {**count_summary(rows, decided, n),
                "skipped_records": dict(getattr(source, "skipped", {}) or {}),
                "shards": {"total": -(-n // int(cfg.shard_size)), "computed_this_run": len(after - before)},
-               "family": {"captioner": type(captioner).__name__, "filter": type(filter_model).__name__},
+               "models": {name: {"path": str(m.path), "class": type(m).__name__, "architecture": m.architecture}
+                          for name, m in (("captioner", captioner), ("filter", filter_model))},
                "settings": _settings(cfg)}
     if jax.process_index() != 0:
         return summary
@@ -462,7 +482,7 @@ def _write_json(path: Path, summary: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ command line
-def _flags():
+def _flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
@@ -470,7 +490,7 @@ def _flags():
 
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "CapFilt config, e.g. configs/capfilt.py:web",
-                                    flag_values=values, lock_config=False)
+                                    flag_values=values, lock_config=False, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "output directory: cleaned.jsonl, all.jsonl, cleaned_packed/, "
                         "summary.json, gallery.html", flag_values=values)
     flags.DEFINE_bool("progress", True, "progress bars with rate and ETA", flag_values=values)
@@ -482,8 +502,9 @@ def main(argv: list[str]) -> int:
     """`blip-jax capfilt --config=configs/capfilt.py:<preset> --workdir=W [--config.field=value ...]`"""
     from blip_jax import processes
 
-    values = _flags()
-    values(["blip-jax capfilt"] + list(argv))
+    argv = ["blip-jax capfilt"] + list(argv)
+    values = _flags(argv)  # overrides (--config.x=v) are read from argv, not sys.argv
+    values(argv)
     if values.config is None or values.workdir is None:
         print("usage: blip-jax capfilt --config=configs/capfilt.py:<tiny|coco|web|blip2> --workdir=DIR "
               "[--config.captioner=DIR --config.filter=DIR --config.data.path=...]", file=sys.stderr)

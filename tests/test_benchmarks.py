@@ -57,3 +57,21 @@ def test_data_benchmark_smoke(tmp_path):
     assert all(t["decode_plus_transform_images_per_s"] > 0 for t in report["single_core"]["transforms"].values())
     assert report["fixture"]["images"] == 32 and report["fixture"]["jpeg_kb_mean"] > 0
     assert "per_core_rates" in report["training_step_context"]
+
+
+def test_retrieval_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_retrieval.py"), "--small", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    phases = {"images", "texts", "sim_topk", "itm_i2t", "itm_t2i"}
+    assert set(report["phases_s"]) == {"jax", "torch"}
+    assert all(set(report["phases_s"][side]) == phases for side in ("jax", "torch"))
+    assert report["agreement"]["agrees"] and report["agreement"]["recall_equal"]
+    assert report["agreement"]["max_score_abs_diff"] < 1e-3
+    assert report["metrics"]["jax"] == report["metrics"]["torch"]
+    n_itm = report["images"] * report["k_txt"] + report["texts"] * report["k_img"]
+    assert report["itm_passes"] == n_itm
+    assert report["itm_passes_measured"]["jax_pairs"] == report["itm_passes_measured"]["torch_pairs"] == n_itm
+    assert report["jax_compilations_in_timed_runs"] == 0
+    assert report["ratio"] > 0 and report["jax_s"] > 0 and report["torch_s"] > 0

@@ -49,21 +49,46 @@ def init_extra(params, cfg, rng, batch_size: int) -> dict:
             "updates": jnp.zeros((), jnp.int32)}
 
 
-def _ema(momentum, params, m: float):
+def ema(momentum, params, m: float):
+    """momentum * m + params * (1 - m), leaf by leaf (no gradient into `params`)."""
     return jax.tree.map(lambda a, b: a * m + jax.lax.stop_gradient(b).astype(a.dtype) * (1 - m), momentum,
                         {k: params[k] for k in momentum})
 
 
-def _soft_ce(logits, targets):
+def soft_cross_entropy(logits, targets):
     """Mean over rows of -sum(targets * log_softmax(logits))."""
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits, axis=-1) * targets, axis=-1))
 
 
-def _enqueue(queue, values, ptr):
-    """Write `values` (columns for feature queues [E, B]; a vector for the index queue) at `ptr`."""
+def enqueue(queue, values, ptr):
+    """`values` written at `ptr` (columns of a feature queue [E, Q]; entries of the index queue [Q])."""
     if queue.ndim == 1:
         return jax.lax.dynamic_update_slice(queue, values.astype(queue.dtype), (ptr,))
     return jax.lax.dynamic_update_slice(queue, values.astype(queue.dtype), (0, ptr))
+
+
+def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, positives):
+    """BLIP's ITC with momentum distillation: similarities of the online features against the
+    momentum features and the queues, targets blending `positives` (rows normalised) with the
+    momentum model's softmax by `alpha`. positives: [B, B + Q] (1 where a text shows the image)."""
+    image_all = jnp.concatenate([image_feat_m, image_queue.T])  # [B + Q, E]
+    text_all = jnp.concatenate([text_feat_m, text_queue.T])
+    targets = positives / positives.sum(1, keepdims=True)
+    i2t_targets = jax.lax.stop_gradient(alpha * jax.nn.softmax(image_feat_m @ text_all.T / temp, -1)
+                                        + (1 - alpha) * targets)
+    t2i_targets = jax.lax.stop_gradient(alpha * jax.nn.softmax(text_feat_m @ image_all.T / temp, -1)
+                                        + (1 - alpha) * targets)
+    sim_i2t = image_feat @ text_all.T / temp
+    sim_t2i = text_feat @ image_all.T / temp
+    loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def hard_negatives(key, sim, same):
+    """For each row, a column drawn with probability softmax(sim row) + 1e-4, never where `same`
+    (BLIP's ITM negatives; `sim` [B, B] without gradient)."""
+    weights = jnp.where(same, 0.0, jax.nn.softmax(jax.lax.stop_gradient(sim), -1) + 1e-4)
+    return jax.random.categorical(key, jnp.log(weights))
 
 
 def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm: bool, by_image: bool):
@@ -82,39 +107,26 @@ def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm
     text_feat = apply(Blip.text_features, ids, mask, deterministic=False)
     temp = jnp.clip(params["temp"], *TEMP_RANGE)
 
-    momentum = _ema(extra["momentum"], params, cfg.momentum)
+    momentum = ema(extra["momentum"], params, cfg.momentum)
     vm = {"params": {**full, **momentum}}
     image_m = model.apply(vm, batch["pixels"], method=Blip.encode_image)
     image_feat_m = jax.lax.stop_gradient(model.apply(vm, image_m, method=Blip.image_features))
     text_feat_m = jax.lax.stop_gradient(model.apply(vm, ids, mask, method=Blip.text_features))
-    image_all = jnp.concatenate([image_feat_m, extra["image_queue"].T])  # [B + Q, E]
-    text_all = jnp.concatenate([text_feat_m, extra["text_queue"].T])
     idx = batch["image_index"] if by_image else jnp.arange(b, dtype=jnp.int32)
+    queue_size = extra["image_queue"].shape[1]
     if by_image:  # every text of the same image is a positive, in the batch and in the queue
-        idx_all = jnp.concatenate([idx, extra["idx_queue"]])
-        positives = (idx[:, None] == idx_all[None, :]).astype(jnp.float32)
-        targets = positives / positives.sum(1, keepdims=True)
+        positives = (idx[:, None] == jnp.concatenate([idx, extra["idx_queue"]])[None, :]).astype(jnp.float32)
     else:  # pre-training: only the pair itself
-        targets = jnp.eye(b, b + extra["image_queue"].shape[1], dtype=jnp.float32)
+        positives = jnp.eye(b, b + queue_size, dtype=jnp.float32)
     alpha = cfg.alpha * jnp.minimum(1.0, extra["updates"].astype(jnp.float32) / max(1, cfg.alpha_ramp_steps))
-    sim_i2t_m = image_feat_m @ text_all.T / temp
-    sim_t2i_m = text_feat_m @ image_all.T / temp
-    i2t_targets = jax.lax.stop_gradient(alpha * jax.nn.softmax(sim_i2t_m, -1) + (1 - alpha) * targets)
-    t2i_targets = jax.lax.stop_gradient(alpha * jax.nn.softmax(sim_t2i_m, -1) + (1 - alpha) * targets)
-    sim_i2t = image_feat @ text_all.T / temp
-    sim_t2i = text_feat @ image_all.T / temp
-    itc = (_soft_ce(sim_i2t, i2t_targets) + _soft_ce(sim_t2i, t2i_targets)) / 2
+    itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, extra["image_queue"],
+                                     extra["text_queue"], temp, alpha, positives)
 
     # ITM: negatives drawn from the in-batch similarities, never a positive
     same = idx[:, None] == idx[None, :]
     k_img, k_txt = jax.random.split(r_neg)
-
-    def negatives(key, sim):
-        weights = jnp.where(same, 0.0, jax.nn.softmax(jax.lax.stop_gradient(sim[:, :b]), -1) + 1e-4)
-        return jax.random.categorical(key, jnp.log(weights))
-
-    neg_image = negatives(k_img, sim_t2i)  # for each text
-    neg_text = negatives(k_txt, sim_i2t)  # for each image
+    neg_image = hard_negatives(k_img, sim_t2i[:, :b], same)  # for each text
+    neg_text = hard_negatives(k_txt, sim_i2t[:, :b], same)  # for each image
     enc_ids = ids.at[:, 0].set(cfg.enc_token_id)
     itm_logits = apply(Blip.itm_logits, jnp.concatenate([image, image[neg_image], image]),
                        jnp.concatenate([enc_ids, enc_ids, enc_ids[neg_text]]),
@@ -128,10 +140,10 @@ def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm
         loss, metrics = loss + lm, {**metrics, "lm": lm}
 
     ptr = extra["ptr"]
-    new_extra = {"momentum": momentum, "image_queue": _enqueue(extra["image_queue"], image_feat_m.T, ptr),
-                 "text_queue": _enqueue(extra["text_queue"], text_feat_m.T, ptr),
-                 "idx_queue": _enqueue(extra["idx_queue"], idx, ptr),
-                 "ptr": (ptr + b) % extra["image_queue"].shape[1], "updates": extra["updates"] + 1}
+    new_extra = {"momentum": momentum, "image_queue": enqueue(extra["image_queue"], image_feat_m.T, ptr),
+                 "text_queue": enqueue(extra["text_queue"], text_feat_m.T, ptr),
+                 "idx_queue": enqueue(extra["idx_queue"], idx, ptr),
+                 "ptr": (ptr + b) % queue_size, "updates": extra["updates"] + 1}
     return loss, metrics, new_extra
 
 

@@ -11,7 +11,10 @@ import numpy as np
 from blip_jax import generation
 from blip_jax.blip2_api import generate_tokens
 from blip_jax.data.synthetic import SyntheticShapes
+from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2
+from blip_jax.models.config import BlipConfig
+from blip_jax.models.tying import tie
 from blip_jax.train import partition
 
 HELD_OUT_SEED = 10_007  # the training source's seed is cfg.data.seed; this one is never trained on
@@ -22,23 +25,39 @@ def held_out_records(cfg, n: int) -> list[dict]:
     return [source[i] for i in range(n)]
 
 
+def _retrieval_r1(sim: np.ndarray, records: list[dict]) -> dict:
+    """ITC R@1 both ways of a [n_images, n_texts] similarity; several records can share a caption, so
+    a retrieved text (image) with the same caption counts as right."""
+    captions = np.array([r["caption"] for r in records])
+    return {"held_out": len(records), "itc_image_to_text_r1": float(np.mean(captions[sim.argmax(1)] == captions)),
+            "itc_text_to_image_r1": float(np.mean(captions[sim.argmax(0)] == captions)),
+            "chance": float(np.mean([np.mean(captions == c) for c in captions]))}
+
+
+def _blip_report(st, params, batch, records) -> dict:
+    v = {"params": params}
+    model = Blip(st.config)
+    image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip.encode_image)
+    image_feats = np.asarray(model.apply(v, image, method=Blip.image_features))
+    text_feats = np.asarray(model.apply(v, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]),
+                                        method=Blip.text_features))
+    return _retrieval_r1(image_feats @ text_feats.T, records)
+
+
 def report(cfg, st, task, n: int = 32, shown: int = 4) -> dict:
     params = jax.device_get(partition.merge(st.train["params"], st.frozen))
-    model = Blip2(st.config)
     records = held_out_records(cfg, n)
     batch = task.eval_batch(records)
+    if isinstance(st.config, BlipConfig):  # BLIP: held-out ITC retrieval (captioning models: none)
+        return _blip_report(st, tie(params), batch, records) if st.config.architecture == "pretrain" else {}
+    model = Blip2(st.config)
     v = {"params": params}
     image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip2.encode_image)
     if cfg.objective == "stage1":
         sim = np.einsum("iqe,te->itq", np.asarray(model.apply(v, image, method=Blip2.image_features)),
                         np.asarray(model.apply(v, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]),
                                                method=Blip2.text_features))).max(-1)
-        # several records can share a caption: a retrieved text with the same caption counts as right
-        captions = np.array([r["caption"] for r in records])
-        i2t = float(np.mean(captions[sim.argmax(1)] == captions))
-        t2i = float(np.mean(captions[sim.argmax(0)] == captions))
-        return {"held_out": n, "itc_image_to_text_r1": i2t, "itc_text_to_image_r1": t2i,
-                "chance": float(np.mean([np.mean(captions == c) for c in captions]))}
+        return _retrieval_r1(sim, records)
     q_ids = jnp.asarray(batch["qformer_ids"]) if "qformer_ids" in batch else None
     q_mask = jnp.asarray(batch["qformer_mask"]) if "qformer_mask" in batch else None
     prefix = model.apply(v, image, q_ids, q_mask, method=Blip2.language_prefix)
