@@ -68,6 +68,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 DEFAULT_KINDS = "blip_train:384,blip2_train:224"
+# glibc malloc settings for the `grain_malloc` variant's workers: keep freed memory in the process
+# (no mmap/munmap of each large temporary, no trimming of the heap) instead of page-faulting it in
+# again for every image. Values: 32 MiB (glibc's maximum dynamic threshold) and 256 MiB.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 IMAGE_W, IMAGE_H, JPEG_QUALITY = 640, 480, 90
 
 
@@ -87,6 +91,21 @@ class DecodeAugment:
         from blip_jax.data.transforms import decode_image
 
         return {"pixels": self.image(decode_image(record["image"]), rng)}
+
+
+class CostProbe(DecodeAugment):
+    """DecodeAugment that also returns, per image, the minor page faults and the CPU time of the
+    thread that ran it (a diagnostic: how much work one image costs in each kind of process,
+    nearly independent of other load on the machine)."""
+
+    def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+        import resource
+
+        faults, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+        out = super().__call__(record, rng)
+        out["cpu_s"] = np.float64(time.thread_time() - cpu)
+        out["minor_faults"] = np.int64(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        return out
 
 
 class TorchRecords:
@@ -185,12 +204,32 @@ def torch_loader(source, transform, *, batch: int, seed: int, workers: int, cont
     return make, close
 
 
-def measure(make, close, *, n_images: int, batch: int, workers: int, size: int) -> dict:
+class _Env:
+    """Environment variables set while worker processes start (spawned children read them; this
+    process's own malloc settings are fixed at its start)."""
+
+    def __init__(self, env: dict | None):
+        self.env = env or {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def measure(make, close, *, n_images: int, batch: int, workers: int, size: int, env: dict | None = None) -> dict:
     """One epoch's worth of images after start-up and warm-up (module docstring)."""
     gc.collect()
     t0 = time.perf_counter()
-    it = make()
-    first = next(it)
+    with _Env(env):
+        it = make()
+        first = next(it)  # the workers have started once this returns
     first_batch_s = time.perf_counter() - t0
     shape, dtype = tuple(first["pixels"].shape), str(first["pixels"].dtype).replace("torch.", "")
     if shape != (batch, size, size, 3) or dtype != "float32":
@@ -312,7 +351,10 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default=DEFAULT_KINDS,
                    help=f"comma-separated transform kind:size pairs (default {DEFAULT_KINDS})")
     p.add_argument("--no-variants", action="store_true",
-                   help="time only grain (read_threads 0) and PyTorch (fork), not grain_rt2 / torch_spawn")
+                   help="time only grain (read_threads 0) and PyTorch (fork), not grain_rt2 / torch_spawn / "
+                        "grain_malloc")
+    p.add_argument("--no-costs", action="store_true",
+                   help="skip the per-image CPU time / page fault pass (CostProbe)")
     p.add_argument("--small", action="store_true", help="32 images: a quick smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-tag", default="cpu", help="name used in the results file (default cpu)")
@@ -333,6 +375,50 @@ def parse_args(argv=None):
     if args.images < args.batch * max(1, max(args.workers)):
         p.error("--images must hold at least one batch per worker")
     return args
+
+
+def loader_configs(source, args, transform_class):
+    """[((kind name, workers, variant), (make, close), size, env for starting workers)]."""
+    out = []
+    for name, (kind, size) in args.kinds.items():
+        transform = transform_class(kind, size)
+        common = dict(batch=args.batch, seed=args.seed)
+        for w in args.workers:
+            variants = {"grain": (grain_loader(source, transform, workers=w, read_threads=0, **common), None),
+                        "torch": (torch_loader(source, transform, workers=w, context=None, **common), None)}
+            if not args.no_variants:
+                variants["grain_rt2"] = (grain_loader(source, transform, workers=w, read_threads=2, **common), None)
+                if w:
+                    variants["torch_spawn"] = (torch_loader(source, transform, workers=w, context="spawn", **common),
+                                               None)
+                    variants["grain_malloc"] = (grain_loader(source, transform, workers=w, read_threads=0, **common),
+                                                MALLOC_ENV)
+            out.extend(((name, w, v), fns, size, env) for v, (fns, env) in variants.items())
+    return out
+
+
+def cost_per_image(source, args, batches: int = 8) -> dict:
+    """Per-image thread CPU ms and minor page faults in each loader's processes (CostProbe), over
+    `batches` batches after each worker's first batch; one pass, not timed."""
+    out = {}
+    for (name, w, v), (make, close), _, env in loader_configs(source, args, CostProbe):
+        with _Env(env):
+            it = make()
+            next(it)
+        for _ in range(max(1, w) - 1):
+            next(it)
+        cpu, faults = [], []
+        for _ in range(batches):
+            b = next(it)
+            cpu.extend(np.asarray(b["cpu_s"]).tolist())
+            faults.extend(np.asarray(b["minor_faults"]).tolist())
+        close(it)
+        del it
+        out.setdefault(name, {}).setdefault(f"workers_{w}", {})[v] = dict(
+            cpu_ms_per_image=1e3 * float(np.mean(cpu)), minor_faults_per_image=float(np.mean(faults)))
+        print(f"  cost {name:<16} workers {w} {v:<12} {1e3 * np.mean(cpu):6.2f} CPU ms/image  "
+              f"{np.mean(faults):7.0f} minor faults/image", flush=True)
+    return out
 
 
 def _cpu_model() -> str:
@@ -377,25 +463,11 @@ def main(argv=None) -> dict:
         print(f"  {name:<16} transform {r['transform_ms']:.2f} ms/image, decode + transform "
               f"{r['decode_plus_transform_images_per_s']:.1f} images/s", flush=True)
 
-    # every (kind, workers, loader variant): (make, close)
-    configs = {}
-    for name, (kind, size) in args.kinds.items():
-        transform = DecodeAugment(kind, size)
-        common = dict(batch=args.batch, seed=args.seed)
-        for w in args.workers:
-            variants = {"grain": grain_loader(source, transform, workers=w, read_threads=0, **common),
-                        "torch": torch_loader(source, transform, workers=w, context=None, **common)}
-            if not args.no_variants:
-                variants["grain_rt2"] = grain_loader(source, transform, workers=w, read_threads=2, **common)
-                if w:
-                    variants["torch_spawn"] = torch_loader(source, transform, workers=w, context="spawn", **common)
-            for v, fns in variants.items():
-                configs[(name, w, v)] = (fns, size)
-
+    configs = {key: (fns, size, env) for key, fns, size, env in loader_configs(source, args, DecodeAugment)}
     runs = {key: [] for key in configs}
     for i in range(args.iters):
-        for key, ((make, close), size) in configs.items():
-            r = measure(make, close, n_images=args.images, batch=args.batch, workers=key[1], size=size)
+        for key, ((make, close), size, env) in configs.items():
+            r = measure(make, close, n_images=args.images, batch=args.batch, workers=key[1], size=size, env=env)
             runs[key].append(r)
             print(f"  round {i + 1}/{args.iters} {key[0]:<16} workers {key[1]} {key[2]:<12} "
                   f"{r['images_per_s']:8.1f} images/s  first batch {r['first_batch_s']:.2f} s", flush=True)
@@ -416,18 +488,21 @@ def main(argv=None) -> dict:
                 r["ratio_grain_rt2"] = r["grain_rt2"]["images_per_s"] / r["torch"]["images_per_s"]
             if "torch_spawn" in r:
                 r["ratio_vs_torch_spawn"] = r["grain"]["images_per_s"] / r["torch_spawn"]["images_per_s"]
+            if "grain_malloc" in r:
+                r["ratio_grain_malloc"] = r["grain_malloc"]["images_per_s"] / r["torch"]["images_per_s"]
     context = training_step_context(results, single, args.kinds, args.workers)
+    costs = {} if args.no_costs else cost_per_image(source, args)
 
     print()
-    print(f"{'kind':<16} {'workers':>7} {'grain':>9} {'grain rt2':>10} {'torch':>9} {'torch spawn':>12} {'ratio':>7}  "
-          f"first batch s (grain / torch / torch spawn)")
+    print(f"{'kind':<16} {'workers':>7} {'grain':>8} {'grain rt2':>10} {'grain malloc':>13} {'torch':>8} "
+          f"{'torch spawn':>12} {'ratio':>7}  first batch s (grain / torch / torch spawn)")
     for name, per_w in results.items():
         for w in args.workers:
             r = per_w[f"workers_{w}"]
             g = lambda v, k="images_per_s": f"{r[v][k]:.1f}" if v in r else "-"  # noqa: E731
-            print(f"{name:<16} {w:>7} {g('grain'):>9} {g('grain_rt2'):>10} {g('torch'):>9} {g('torch_spawn'):>12} "
-                  f"{r['ratio']:>6.2f}x  {g('grain', 'first_batch_s')} / {g('torch', 'first_batch_s')} / "
-                  f"{g('torch_spawn', 'first_batch_s')}")
+            print(f"{name:<16} {w:>7} {g('grain'):>8} {g('grain_rt2'):>10} {g('grain_malloc'):>13} {g('torch'):>8} "
+                  f"{g('torch_spawn'):>12} {r['ratio']:>6.2f}x  {g('grain', 'first_batch_s')} / "
+                  f"{g('torch', 'first_batch_s')} / {g('torch_spawn', 'first_batch_s')}")
     print("ratio = grain images/s / PyTorch images/s (grain read_threads 0 vs DataLoader, fork); > 1: grain faster")
     step = context.get("blip2_train_step")
     if step:
@@ -450,7 +525,8 @@ def main(argv=None) -> dict:
             grain="blip_jax.data.pipeline.make_iterator, read_threads 0 (ratio) / 2 (grain_rt2), mp_prefetch "
                   "with spawn and 1 buffered batch per worker when workers > 0",
             torch="torch.utils.data.DataLoader, RandomSampler, default collate, prefetch_factor 2, fork "
-                  "(torch_spawn: multiprocessing_context='spawn')",
+                  "(torch_spawn: multiprocessing_context='spawn'); torch.set_num_threads(1) in this process",
+            grain_malloc="grain as above, its workers started with grain_malloc_env",
             warmup_batches="max(1, workers)",
             timed_images=args.images // args.batch * args.batch,
         ),
@@ -458,11 +534,15 @@ def main(argv=None) -> dict:
         results=results,
         ratios=ratios,
         ratio_definition="grain images/s / PyTorch images/s (> 1: grain faster)",
+        cost_per_image=costs,
         training_step_context=context,
         host=dict(cpu_count=os.cpu_count(), cpu_model=_cpu_model(), platform=platform.platform(),
                   python=platform.python_version()),
         versions=dict(grain=getattr(grain, "__version__", None), torch=torch.__version__, numpy=np.__version__,
                       pillow=PIL.__version__),
+        env={k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+                                        "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS") if k in os.environ},
+        grain_malloc_env=MALLOC_ENV,
         loadavg_at_start=list(load_start),
         loadavg_at_end=list(load_end),
         load_note=args.load_note,

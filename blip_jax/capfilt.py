@@ -484,17 +484,13 @@ def _write_json(path: Path, summary: dict) -> None:
 # ------------------------------------------------------------------------------ command line
 def _flags(argv: list[str]):
     from absl import flags
-    from ml_collections import config_flags
 
     from blip_jax import processes
 
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "CapFilt config, e.g. configs/capfilt.py:web",
-                                    flag_values=values, lock_config=False, sys_argv=argv)
+    values = processes.job_flags(argv, "CapFilt config, e.g. configs/capfilt.py:web")
     flags.DEFINE_string("workdir", None, "output directory: cleaned.jsonl, all.jsonl, cleaned_packed/, "
                         "summary.json, gallery.html", flag_values=values)
     flags.DEFINE_bool("progress", True, "progress bars with rate and ETA", flag_values=values)
-    processes.define_flags(values)
     return values
 
 

@@ -1,4 +1,4 @@
-"""Multi-process jobs (TPU pods, SLURM, localhost): the flags `blip-jax train` and `blip-jax eval`
+"""Multi-process jobs (TPU pods, SLURM, localhost): the flags `blip-jax train`, `eval` and `capfilt`
 share, and the `jax.distributed` start-up they drive. Every process runs the same command."""
 
 from __future__ import annotations
@@ -26,3 +26,16 @@ def initialize(flag_values: flags.FlagValues) -> None:
         jax.distributed.initialize(flag_values.coordinator, flag_values.num_processes, flag_values.process_id)
     elif flag_values.distributed:
         jax.distributed.initialize()
+
+
+def job_flags(argv: list[str], config_help: str) -> flags.FlagValues:
+    """Flags of a config-driven job: --config (an ml_collections file, `--config.field=value`
+    overrides read from `argv`, so a job started from Python sees them too), the multi-process
+    flags; the caller adds its own, then parses `argv`."""
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, config_help, flag_values=values, lock_config=False,
+                                    sys_argv=argv)
+    define_flags(values)
+    return values

@@ -6,7 +6,8 @@
     webdataset  path (directory, glob or one .tar of img2dataset shards)
     tfds        tfds_name, split, data_dir (a dataset prepared there beforehand; nothing downloads)
     packed      path (a `blip-jax data pack` output)
-    synthetic   num_records, seed, image_size (the built-in shapes data)
+    synthetic   num_records, seed, image_size, wrong_fraction (the built-in shapes data; a share of
+                wrong captions, for the CapFilt experiment)
 
 Every kind takes `task` (the records' task family, e.g. "caption" or "vqa") and `expand_captions`
 (one record per caption; "auto": yes, except for tfds, where it would cost a pass over the split
@@ -29,7 +30,8 @@ def build_source(spec: Mapping):
     if kind == "synthetic":
         from blip_jax.data.synthetic import SyntheticShapes
 
-        return SyntheticShapes(get("num_records", 10_000), seed=get("seed", 0), image_size=get("image_size", 64))
+        return SyntheticShapes(get("num_records", 10_000), seed=get("seed", 0), image_size=get("image_size", 64),
+                               wrong_fraction=get("wrong_fraction", 0.0))
     if kind == "json":
         from blip_jax.data.annotations import AnnotationSource
 

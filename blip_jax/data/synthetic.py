@@ -153,21 +153,26 @@ class SyntheticShapes:
     """Grain random-access source of `num_records` synthetic records (see module docstring).
 
     record = {"image": uint8 [H, W, 3], "caption", "question", "answer", "instruction", "output": str,
-    "index": int}.
+    "index": int}; with `wrong_fraction` > 0 that share of captions (drawn per record) describe another
+    scene, like noisy web alt-texts, and `caption_is_wrong` says which.
     """
 
-    def __init__(self, num_records: int = 10_000, *, seed: int = 0, image_size: int = 64):
+    def __init__(self, num_records: int = 10_000, *, seed: int = 0, image_size: int = 64, wrong_fraction: float = 0.0):
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16 for shapes to stay recognisable, got {image_size}")
+        if not 0.0 <= wrong_fraction <= 1.0:
+            raise ValueError(f"wrong_fraction must be in [0, 1], got {wrong_fraction}")
         self.num_records = num_records
         self.seed = seed
         self.image_size = image_size
+        self.wrong_fraction = wrong_fraction  # web-like noise: this share of captions describe another image
 
     def __len__(self) -> int:
         return self.num_records
 
     def __repr__(self) -> str:
-        return f"SyntheticShapes(num_records={self.num_records}, seed={self.seed}, image_size={self.image_size})"
+        noise = f", wrong_fraction={self.wrong_fraction}" if self.wrong_fraction else ""
+        return f"SyntheticShapes(num_records={self.num_records}, seed={self.seed}, image_size={self.image_size}{noise})"
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
@@ -181,5 +186,15 @@ class SyntheticShapes:
         question, answer = pairs[rng.integers(len(pairs))]
         text = caption(shapes)
         instruction, output = _instruction(rng, text, question, answer)
-        return {"image": image, "caption": text, "question": question, "answer": answer,
-                "instruction": instruction, "output": output, "index": index}
+        record = {"image": image, "caption": text, "question": question, "answer": answer,
+                  "instruction": instruction, "output": output, "index": index}
+        if self.wrong_fraction:  # a separate stream, so clean records stay what they were
+            noise = np.random.default_rng([self.seed, index, 1])
+            if noise.random() < self.wrong_fraction:
+                while True:  # the caption of another scene, never one that happens to fit
+                    other, _ = _scene(noise)
+                    if caption(other) != text:
+                        break
+                record["caption"] = caption(other)
+            record["caption_is_wrong"] = record["caption"] != text
+        return record

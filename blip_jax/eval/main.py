@@ -12,18 +12,16 @@ import json
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from blip_jax import processes
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "eval config file, e.g. configs/eval/retrieval.py:coco",
-                                flag_values=FLAGS, lock_config=False)
-flags.DEFINE_string("ckpt", None, "a blip-jax model directory (made by `blip-jax convert`)", flag_values=FLAGS)
-flags.DEFINE_string("workdir", None, "output directory: results.json, predictions.jsonl, gallery.html",
-                    flag_values=FLAGS)
-flags.DEFINE_bool("progress", True, "progress bars with rate and ETA", flag_values=FLAGS)
-processes.define_flags(FLAGS)
+def _flags(argv: list[str]) -> flags.FlagValues:
+    values = processes.job_flags(argv, "eval config file, e.g. configs/eval/retrieval.py:coco")
+    flags.DEFINE_string("ckpt", None, "a blip-jax model directory (made by `blip-jax convert`)", flag_values=values)
+    flags.DEFINE_string("workdir", None, "output directory: results.json, predictions.jsonl, gallery.html",
+                        flag_values=values)
+    flags.DEFINE_bool("progress", True, "progress bars with rate and ETA", flag_values=values)
+    return values
 
 
 def evaluator(task: str):
@@ -48,7 +46,9 @@ def run(cfg, ckpt: str, workdir: str, *, progress: bool = True) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    FLAGS(["blip-jax eval"] + list(argv))
+    argv = ["blip-jax eval"] + list(argv)
+    FLAGS = _flags(argv)  # noqa: N806 (absl's name)
+    FLAGS(argv)
     if FLAGS.config is None or FLAGS.ckpt is None or FLAGS.workdir is None:
         print("usage: blip-jax eval --config=configs/eval/<task>.py:<preset> --ckpt=DIR --workdir=DIR",
               file=sys.stderr)

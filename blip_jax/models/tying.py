@@ -2,10 +2,11 @@
 
 BLIP's text decoder shares every parameter with the text encoder except its causal self-attention
 (and its LM head): embeddings, cross-attention and feed-forward blocks are one set of weights. The
-stored (and optimised) tree of a "pretrain" model therefore keeps `text_encoder` whole and, under
-`text_decoder`, only what is the decoder's own; `tie` assembles the full decoder view at apply time
+stored (optimised, checkpointed and exported) tree of a "pretrain" model therefore keeps
+`text_encoder` whole and, under `text_decoder`, only what is the decoder's own; `tie` assembles the full decoder view at apply time
 from the same arrays (no copy: gradients of both uses reach the one parameter), `untie` drops the
-shared entries from a full tree.
+shared entries from a full tree. Only the "pretrain" architecture is tied: the transformers VQA
+model's encoder and decoder are separate weights, and its trees must never pass through here.
 """
 
 from __future__ import annotations
@@ -37,3 +38,4 @@ def tie(params: dict) -> dict:
     own = traverse_util.flatten_dict(params[DECODER], sep="/")
     shared = {k: v for k, v in encoder.items() if not decoder_owns(k)}
     return {**params, DECODER: traverse_util.unflatten_dict({**shared, **own}, sep="/")}
+

@@ -36,7 +36,7 @@ def source_defaults() -> dict:
     """One source's settings (`blip_jax.data.sources`); also each entry of `data.mixture`."""
     return dict(kind="synthetic", path="", image_root="", layout="auto", split="train", annotations="",
                 image_pattern="", tfds_name="", data_dir="", task="", expand_captions="auto",
-                num_records=10_000, image_size=64)  # the last two: synthetic data only
+                num_records=10_000, image_size=64, wrong_fraction=0.0)  # the last three: synthetic data only
 
 
 def data_defaults() -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """W/model: a trained BLIP as a blip-jax model directory (what `blip_jax.load`, `blip-jax eval` and
-`blip-jax capfilt` read): config, the full parameter tree (the tied decoder written out), the
-tokenizer and the evaluation image preprocessing."""
+`blip-jax capfilt` read, and `model.init_from` fine-tunes): config, parameters (the tied decoder
+stored once, as trained; `checkpoint.load` ties it), tokenizer and evaluation image preprocessing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import jax
 
 from blip_jax import checkpoint
 from blip_jax.images import ImageProcessor
-from blip_jax.models.tying import tie
 from blip_jax.train import partition
 
 MODEL_DIR = "model"
@@ -18,7 +17,7 @@ MODEL_DIR = "model"
 
 def export_model(workdir: str | Path, st, task) -> Path:
     """Write W/model atomically (single-process runs: the parameters are gathered on this host)."""
-    params = jax.device_get(tie(partition.merge(st.train["params"], st.frozen)))
+    params = jax.device_get(partition.merge(st.train["params"], st.frozen))
     size = st.config.vision.image_size
     dst = Path(workdir) / MODEL_DIR
     with checkpoint.atomic_directory(dst, overwrite=True) as tmp:

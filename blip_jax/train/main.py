@@ -13,21 +13,21 @@ import json
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from blip_jax import processes
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/blip2_stage1.py:tiny",
-                                flag_values=FLAGS, lock_config=False)
-flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/", flag_values=FLAGS)
-processes.define_flags(FLAGS)
-flags.DEFINE_bool("dry_run", False, "compile the train step for the mesh, print memory and FLOPs, and exit",
-                  flag_values=FLAGS)
+def _flags(argv: list[str]) -> flags.FlagValues:
+    values = processes.job_flags(argv, "training config file, e.g. configs/blip2_stage1.py:tiny")
+    flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/", flag_values=values)
+    flags.DEFINE_bool("dry_run", False, "compile the train step for the mesh, print memory and FLOPs, and exit",
+                      flag_values=values)
+    return values
 
 
 def main(argv: list[str]) -> int:
-    FLAGS(["blip-jax train"] + list(argv))
+    argv = ["blip-jax train"] + list(argv)
+    FLAGS = _flags(argv)  # noqa: N806 (absl's name)
+    FLAGS(argv)
     if FLAGS.config is None or (FLAGS.workdir is None and not FLAGS.dry_run):
         print("usage: blip-jax train --config=configs/<stage>.py:<preset> --workdir=DIR", file=sys.stderr)
         return 2

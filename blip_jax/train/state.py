@@ -114,7 +114,9 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     `init_from`, stored parameters are restored into their shardings and only the others initialised:
     init runs under jit with only those outputs, so the rest is never materialised."""
     model, args, kwargs = model_of(config)
-    boxed = untie(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"])
+    # BLIP's pre-training model keeps its tied decoder once (blip_jax.models.tying)
+    stored_form = untie if isinstance(config, BlipConfig) and config.architecture == "pretrain" else (lambda p: p)
+    boxed = stored_form(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"])
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = nn.unbox(boxed)
     flat_sh, flat_abs = _flat(shardings), _flat(abstract)
@@ -129,7 +131,7 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     missing = sorted(p for p in flat_abs if p not in restored)
     if missing:
         def init_missing(key):
-            params = _flat(untie(nn.unbox(model.init(key, *args, **kwargs)["params"])))
+            params = _flat(stored_form(nn.unbox(model.init(key, *args, **kwargs)["params"])))
             return {p: params[p] for p in missing}
 
         out_sh = {p: flat_sh[p] for p in missing}
