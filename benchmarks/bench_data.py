@@ -28,7 +28,10 @@ Both loaders run the same module-level, picklable per-record function `DecodeAug
 is timed with `read_threads` 0 (synchronous: one record at a time in one thread, as a DataLoader
 process works; the fair comparison and the one the ratio uses) and with grain's default 2 threads
 (`grain_rt2`; inside each worker when w > 0). For w > 0 PyTorch is also timed with the spawn start
-method (`torch_spawn`), which grain always uses, to separate start-up cost from framework cost.
+method (`torch_spawn`), which grain always uses, to separate the start method's costs from the
+framework's, and grain with its workers started under glibc malloc settings that keep freed memory
+in the process (`grain_malloc`, MALLOC_ENV below). This process runs torch with 1 thread (the
+in-process collate); the transforms are NumPy + Pillow, single-threaded, in both.
 
 One measurement: build the iterator, take the first batch (its wall time from creation is the
 `first_batch_s`: process start-up, imports, the first batch's work), then max(1, w) - 1 more warm-up
@@ -40,13 +43,16 @@ configuration once per round, --iters rounds) and the median rate is reported. T
 draws differ between the two (grain derives its per-record rng from the seed and stream position),
 so the mix of RandAugment operations differs per image; over N images the cost averages out.
 
-Single-core references (no loader, one thread): the mean per-image time of decode_image(path) and
-of each transform on the decoded images. `ratio = grain images/s / PyTorch images/s` (> 1: grain
-faster). `training_step_context` compares the loader's rates with the examples/s a BLIP-2 training
+Single-core references (no loader, one thread): the mean per-image wall and thread-CPU time of
+decode_image(path) and of each transform on the decoded images; the per-core rates used for sizing
+are images per CPU-second (CPU time barely moves when other processes share the cores, wall time
+does). A second pass (CostProbe, not timed, --no-costs skips it) records the CPU time and minor page
+faults per image inside each loader's processes. `ratio = grain images/s / PyTorch images/s`
+(> 1: grain faster). `training_step_context` compares the loader's rates with the examples/s a BLIP-2 training
 step consumes on this machine (from benchmarks/results/blip2_train_cpu.json, if present).
 
-    python benchmarks/bench_data.py                                 # ~3 min on 2 cores
-    python benchmarks/bench_data.py --small --iters 1 --workers 0   # smoke run, ~15 s
+    python benchmarks/bench_data.py                                 # ~6 min on 2 cores
+    python benchmarks/bench_data.py --small --iters 1 --workers 0   # smoke run, ~10 s
 """
 
 from __future__ import annotations
@@ -252,32 +258,33 @@ def measure(make, close, *, n_images: int, batch: int, workers: int, size: int, 
 
 
 def single_core(source, kinds: dict, seed: int) -> dict:
-    """Per-image decode and transform times without a loader, one thread."""
+    """Per-image decode and transform times without a loader, in this thread: wall time and the
+    thread's CPU time (the latter barely moves when other processes share the cores, so the
+    per-core rates used for sizing come from it: images per CPU-second)."""
     from blip_jax.data.transforms import decode_image
+
+    def timed(fn, *a):
+        w, c = time.perf_counter(), time.thread_time()
+        r = fn(*a)
+        return r, time.perf_counter() - w, time.thread_time() - c
 
     paths = [source[i]["image"] for i in range(len(source))]
     for p in paths[:4]:  # warm the page cache and PIL's lazy imports
         decode_image(p)
-    images, t = [], []
-    for p in paths:
-        t0 = time.perf_counter()
-        images.append(decode_image(p))
-        t.append(time.perf_counter() - t0)
-    decode_ms = 1e3 * float(np.mean(t))
-    out = dict(decode_ms=decode_ms, decode_images_per_s=1e3 / decode_ms, transforms={})
+    decoded = [timed(decode_image, p) for p in paths]
+    images = [d[0] for d in decoded]
+    dec_ms, dec_cpu = (1e3 * float(np.mean([d[i] for d in decoded])) for i in (1, 2))
+    out = dict(decode_ms=dec_ms, decode_cpu_ms=dec_cpu, decode_images_per_s=1e3 / dec_ms, transforms={})
     for name, (kind, size) in kinds.items():
         f = DecodeAugment(kind, size).image
         f(images[0], np.random.default_rng([seed, 0]))
-        t = []
-        for i, image in enumerate(images):
-            rng = np.random.default_rng([seed, i])
-            t0 = time.perf_counter()
-            f(image, rng)
-            t.append(time.perf_counter() - t0)
-        ms = 1e3 * float(np.mean(t))
-        out["transforms"][name] = dict(transform_ms=ms, transform_images_per_s=1e3 / ms,
-                                       decode_plus_transform_ms=decode_ms + ms,
-                                       decode_plus_transform_images_per_s=1e3 / (decode_ms + ms))
+        t = [timed(f, image, np.random.default_rng([seed, i]))[1:] for i, image in enumerate(images)]
+        ms, cpu = (1e3 * float(np.mean([x[i] for x in t])) for i in (0, 1))
+        out["transforms"][name] = dict(
+            transform_ms=ms, transform_cpu_ms=cpu, transform_images_per_s=1e3 / ms,
+            decode_plus_transform_ms=dec_ms + ms, decode_plus_transform_cpu_ms=dec_cpu + cpu,
+            decode_plus_transform_images_per_s=1e3 / (dec_ms + ms),
+            decode_plus_transform_images_per_cpu_s=1e3 / (dec_cpu + cpu))
     return out
 
 
@@ -291,7 +298,7 @@ def training_step_context(results: dict, single: dict, kinds: dict, workers: lis
         step = json.loads(step_file.read_text())
         batch = step["batch"]
         jax_rate, torch_rate = 1e3 * batch / step["jax_ms"], 1e3 * batch / step["torch_ms"]
-        per_core = single["transforms"][name]["decode_plus_transform_images_per_s"]
+        per_core = single["transforms"][name]["decode_plus_transform_images_per_cpu_s"]
         in_process = results[name]["workers_0"]["grain"]["images_per_s"] if 0 in workers else None
         entry = dict(
             source=str(step_file.relative_to(ROOT)),
@@ -305,7 +312,7 @@ def training_step_context(results: dict, single: dict, kinds: dict, workers: lis
             loader_over_step_in_process=in_process / jax_rate if in_process else None,
             loader_core_fraction_per_step=jax_rate / per_core,
             note=(f"the step consumes {jax_rate:.2f} examples/s; one core decodes and augments "
-                  f"{per_core:.0f} images/s at 224 px, so feeding the step takes "
+                  f"{per_core:.0f} images per CPU-second at 224 px, so feeding the step takes "
                   f"{100 * jax_rate / per_core:.1f}% of one core's time"
                   + (f" and the in-process loader is {in_process / jax_rate:.0f}x faster than the step"
                      if in_process else "") + ": the loader does not bound the step"),
@@ -319,7 +326,7 @@ def training_step_context(results: dict, single: dict, kinds: dict, workers: lis
         if train and "jax_ms" in train:
             batch = cap.get("batch", 8)
             rate = 1e3 * batch / train["jax_ms"]
-            per_core = single["transforms"][blip_name]["decode_plus_transform_images_per_s"]
+            per_core = single["transforms"][blip_name]["decode_plus_transform_images_per_cpu_s"]
             out["blip_finetune_step"] = dict(
                 source=str(cap_file.relative_to(ROOT)),
                 step=f"BLIP base caption fine-tune step (LM loss), batch {batch}, measured at 224 px (the "
@@ -329,15 +336,16 @@ def training_step_context(results: dict, single: dict, kinds: dict, workers: lis
                 loader_core_fraction_per_step=rate / per_core)
     sizing = {}
     for n in kinds:
-        row = dict(single_core_images_per_s=single["transforms"][n]["decode_plus_transform_images_per_s"])
+        row = dict(single_core_images_per_cpu_s=single["transforms"][n]["decode_plus_transform_images_per_cpu_s"])
         for w in workers:
             r = results[n][f"workers_{w}"]
             row[f"grain_workers_{w}_images_per_s_per_process"] = r["grain"]["images_per_s"] / max(1, w)
             row[f"torch_workers_{w}_images_per_s_per_process"] = r["torch"]["images_per_s"] / max(1, w)
         sizing[n] = row
     out["per_core_rates"] = sizing
-    out["sizing_rule"] = ("cores for the loader = examples/s the accelerator step consumes / single_core_images_per_s "
-                          f"(measured on this {os.cpu_count()}-core VM; the workers_* rows share its cores)")
+    out["sizing_rule"] = ("cores for the loader = examples/s the accelerator step consumes / "
+                          f"single_core_images_per_cpu_s (measured on this {os.cpu_count()}-core VM; the "
+                          "workers_* rows share its cores)")
     return out
 
 
@@ -423,6 +431,25 @@ def cost_per_image(source, args, batches: int = 8) -> dict:
     return out
 
 
+def _machine_busy_s() -> float | None:
+    """CPU-seconds all processes on the machine have used since boot (/proc/stat: user, nice,
+    system, irq, softirq; not idle, iowait, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        return None
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU-seconds of this process and its reaped children (the loaders' worker processes)."""
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -444,6 +471,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)  # the in-process collate; the transforms themselves are numpy + PIL
     out_path = Path(args.out) if args.out else RESULTS / f"data_{args.device_tag}{'_small' if args.small else ''}.json"
     load_start = os.getloadavg()
+    busy0, own0, wall0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
     if load_start[0] > 0.5:
         print(f"warning: 1-minute load average {load_start[0]:.2f} at start: other processes compete for the "
               f"{os.cpu_count()} CPUs and will skew the timings", flush=True)
@@ -460,10 +488,11 @@ def main(argv=None) -> dict:
           f"torch {torch.__version__}", flush=True)
 
     single = single_core(source, args.kinds, args.seed)
-    print(f"single core: decode {single['decode_ms']:.2f} ms/image", flush=True)
+    print(f"single core: decode {single['decode_ms']:.2f} ms/image ({single['decode_cpu_ms']:.2f} CPU ms)", flush=True)
     for name, r in single["transforms"].items():
-        print(f"  {name:<16} transform {r['transform_ms']:.2f} ms/image, decode + transform "
-              f"{r['decode_plus_transform_images_per_s']:.1f} images/s", flush=True)
+        print(f"  {name:<16} transform {r['transform_ms']:.2f} ms/image ({r['transform_cpu_ms']:.2f} CPU ms), "
+              f"decode + transform {r['decode_plus_transform_images_per_s']:.1f} images/s "
+              f"({r['decode_plus_transform_images_per_cpu_s']:.1f} per CPU-second)", flush=True)
 
     configs = {key: (fns, size, env) for key, fns, size, env in loader_configs(source, args, DecodeAugment)}
     runs = {key: [] for key in configs}
@@ -510,6 +539,15 @@ def main(argv=None) -> dict:
     if step:
         print(f"training step: {step['note']}")
     load_end = os.getloadavg()
+    busy1, own1, wall = _machine_busy_s(), _own_cpu_s(), time.perf_counter() - wall0
+    other = None
+    if busy0 is not None and busy1 is not None:
+        other_s = max(0.0, (busy1 - busy0) - (own1 - own0))
+        other = dict(cpu_s=other_s, wall_s=wall, mean_cores=other_s / wall,
+                     note="CPU time other processes on this machine used during the run (/proc/stat busy time "
+                          "minus this process and its workers), mean_cores = cpu_s / wall_s")
+        print(f"other processes used {other_s:.0f} CPU-s during the {wall:.0f} s run ({other_s / wall:.2f} cores "
+              "on average)", flush=True)
     tmp.cleanup()
 
     report = dict(
@@ -551,6 +589,7 @@ def main(argv=None) -> dict:
         env={k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
                                         "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS") if k in os.environ},
         grain_malloc_env=MALLOC_ENV,
+        other_processes=other,
         loadavg_at_start=list(load_start),
         loadavg_at_end=list(load_end),
         load_note=args.load_note,

@@ -24,6 +24,11 @@ captions). Both sides then run the whole retrieval evaluation, float32:
                  of --batch-size pairs; score + topk_sim scattered into a -100 matrix.
   itm_t2i   The same for each text's top-k images.
 
+Each phase is cut into blocks that the two sides run in turn (JAX block, PyTorch block, next block):
+images in batches, texts in 256-text shards, ITM in blocks of about --interleave-pairs pairs (whole
+batches; for JAX a smaller shard of the eval job's, the same batches), so that a change of machine
+load during the run hits both sides alike.
+
 ITM forward passes: n_img * k + n_txt * k (k capped at the candidates), e.g. the paper's COCO 5k
 test (5000 images, 25010 captions, k = 256) has 7.68 M; the measured counts are reported. Both sides
 rank their score matrices with `blip_jax.eval.retrieval_metrics.recall_at_k` (a copy of the
@@ -38,8 +43,7 @@ the width blip-jax's per-batch padding to a multiple of 8 gives these captions);
 Timing: first an untimed warm-up (JAX: the whole image phase once and every other compiled
 function at every batch shape the run uses, so compilation is excluded - a compile listener checks
 that the timed runs compile nothing - and its time is reported; PyTorch: one batch of each
-piece), then --iters full evaluations, each phase run by blip-jax then by PyTorch before the next
-phase, so that a change of machine load hits both alike. Per phase the median over --iters is
+piece), then --iters full evaluations. Per phase the median over --iters is
 reported; total = sum of the phase medians; ratio = PyTorch time / JAX time (> 1: JAX faster).
 
     python benchmarks/bench_retrieval.py                     # base: 32 images x 160 texts, k 6; ~8 min on 2 cores
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -105,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-padding", choices=["longest", "max_length"], default="longest",
                    help="PyTorch tokenisation of the text set: 'longest' (default; padded to the longest text, "
                         "16 tokens here, the width blip-jax uses) or 'max_length' (35 tokens, as LAVIS)")
+    p.add_argument("--interleave-pairs", type=int, default=96,
+                   help="ITM pairs per block the two sides take turns on (rounded to whole batches; default 96)")
     p.add_argument("--scan-layers", action="store_true", help="convert to the scanned layer layout (default unrolled)")
     p.add_argument("--device-tag", default=None, help="name used in the results file (default: cpu or the GPU)")
     p.add_argument("--small", action="store_true", help="a tiny config for a quick smoke run")
@@ -284,70 +291,96 @@ def main(argv=None) -> dict:
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs",
           flush=True)
 
-    # ------------------------------------------------------------------ blip-jax: eval.retrieval's steps
-    def jax_images(state):
-        embeds, feats = [], []
-        for a in range(0, n_img, SHARD):  # eval: embed_images per shard
-            e = model._image_embeds(pixels_nhwc[a:a + SHARD])
-            embeds.append(np.asarray(e))
-            feats.append(model.features_of(e))
-        state["embeds"], state["img_feats"] = np.concatenate(embeds), np.concatenate(feats)
+    # ------------------------------------------------------------------ the two procedures
+    # Each phase is cut into blocks that both sides run in turn (JAX block, PyTorch block, next
+    # block), so that a change of machine load during the run hits both alike. A side's phase is
+    # (begin, step(state, a, b) per block, finish); its time is the sum of the three.
+    def pair_block(k: int) -> int:
+        """Queries per ITM block: about --interleave-pairs pairs, whole batches, <= an eval shard."""
+        unit = math.lcm(k, bs)
+        return max(1, min(queries, unit * max(1, round(args.interleave_pairs / unit)) // k))
 
-    def jax_texts(state):
-        state["txt_feats"] = np.concatenate([model.text_features(texts[a:a + SHARD]) for a in range(0, n_txt, SHARD)])
+    block_q = {"i2t": pair_block(k_txt), "t2i": pair_block(k_img)}
 
-    def jax_sim_topk(state):
-        sim = model.similarity(state["img_feats"], state["txt_feats"]).astype(np.float32)
-        state["sim"], state["topk_txt"], state["topk_img"] = (sim, topk_candidates(sim, k_txt)[0],
-                                                             topk_candidates(sim.T, k_img)[0])
+    def blocks(n: int, size: int):
+        return [(a, min(n, a + size)) for a in range(0, n, size)]
 
-    def jax_itm_i2t(state):
-        topk, out = state["topk_txt"], []
-        for a in range(0, n_img, queries):
-            b = min(n_img, a + queries)
-            index = np.repeat(np.arange(a, b), k_txt)
-            out.append(model.match_logits(state["embeds"], index, [texts[j] for j in topk[a:b].ravel()])
-                       .reshape(b - a, k_txt))
-        state["itm_i2t"] = np.concatenate(out)
-        state["score_i2t"] = rerank(state["sim"], state["itm_i2t"], topk)
+    phase_blocks = dict(images=blocks(n_img, bs), texts=blocks(n_txt, SHARD), sim_topk=[(0, 1)],
+                        itm_i2t=blocks(n_img, block_q["i2t"]), itm_t2i=blocks(n_txt, block_q["t2i"]))
 
-    def jax_itm_t2i(state):
-        topk, out = state["topk_img"], []
-        for a in range(0, n_txt, queries):
-            b = min(n_txt, a + queries)
-            out.append(model.match_logits(state["embeds"], topk[a:b].ravel(),
-                                          [texts[t] for t in range(a, b) for _ in range(k_img)]).reshape(b - a, k_img))
-        state["itm_t2i"] = np.concatenate(out)
-        state["score_t2i"] = rerank(state["sim"].T.copy(), state["itm_t2i"], topk)
+    # blip-jax: the steps of blip_jax.eval.retrieval.evaluate (its shards cut to the blocks: the
+    # batches, and so the work, are the same)
+    def jax_images_step(st, a, b):
+        e = model._image_embeds(pixels_nhwc[a:b])
+        st.setdefault("embeds_parts", []).append(np.asarray(e))
+        st.setdefault("feats_parts", []).append(model.features_of(e))
 
-    # ------------------------------------------------------------------ PyTorch: LAVIS compute_sim_matrix
+    def jax_images_finish(st):
+        st["embeds"], st["img_feats"] = np.concatenate(st.pop("embeds_parts")), np.concatenate(st.pop("feats_parts"))
+
+    def jax_texts_step(st, a, b):
+        st.setdefault("txt_parts", []).append(model.text_features(texts[a:b]))
+
+    def jax_texts_finish(st):
+        st["txt_feats"] = np.concatenate(st.pop("txt_parts"))
+
+    def jax_sim_topk(st, a, b):
+        sim = model.similarity(st["img_feats"], st["txt_feats"]).astype(np.float32)
+        st["sim"] = sim
+        st["topk_txt"], st["topk_img"] = topk_candidates(sim, k_txt)[0], topk_candidates(sim.T, k_img)[0]
+
+    def jax_i2t_step(st, a, b):
+        index = np.repeat(np.arange(a, b), k_txt)
+        st.setdefault("i2t_parts", []).append(
+            model.match_logits(st["embeds"], index, [texts[j] for j in st["topk_txt"][a:b].ravel()])
+            .reshape(b - a, k_txt))
+
+    def jax_i2t_finish(st):
+        st["itm_i2t"] = np.concatenate(st.pop("i2t_parts"))
+        st["score_i2t"] = rerank(st["sim"], st["itm_i2t"], st["topk_txt"])
+
+    def jax_t2i_step(st, a, b):
+        st.setdefault("t2i_parts", []).append(
+            model.match_logits(st["embeds"], st["topk_img"][a:b].ravel(),
+                               [texts[t] for t in range(a, b) for _ in range(k_img)]).reshape(b - a, k_img))
+
+    def jax_t2i_finish(st):
+        st["itm_t2i"] = np.concatenate(st.pop("t2i_parts"))
+        st["score_t2i"] = rerank(st["sim"].T.copy(), st["itm_t2i"], st["topk_img"])
+
+    # PyTorch: LAVIS compute_sim_matrix
     pad_kw = dict(padding="max_length") if args.torch_padding == "max_length" else dict(padding="longest")
 
     @torch.no_grad()
-    def torch_images(state):
-        embeds, feats = [], []
-        for a in range(0, n_img, bs):
-            e = hf.vision_model(pixel_values=pixels_t[a:a + bs]).last_hidden_state
-            embeds.append(e)
-            feats.append(F.normalize(hf.vision_proj(e[:, 0, :]), dim=-1))
-        state["embeds"], state["img_feats"] = torch.cat(embeds), torch.cat(feats)
+    def torch_images_step(st, a, b):
+        for c in range(a, b, bs):
+            e = hf.vision_model(pixel_values=pixels_t[c:min(b, c + bs)]).last_hidden_state
+            st.setdefault("embeds_parts", []).append(e)
+            st.setdefault("feats_parts", []).append(F.normalize(hf.vision_proj(e[:, 0, :]), dim=-1))
 
-    @torch.no_grad()
-    def torch_texts(state):
+    def torch_images_finish(st):
+        st["embeds"], st["img_feats"] = torch.cat(st.pop("embeds_parts")), torch.cat(st.pop("feats_parts"))
+
+    def torch_texts_begin(st):
         enc = tok(texts, truncation=True, max_length=LAVIS_MAX_LEN, return_tensors="pt", **pad_kw)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        feats = []
-        for a in range(0, n_txt, bs):
-            h = hf.text_encoder(input_ids=ids[a:a + bs], attention_mask=mask[a:a + bs]).last_hidden_state
-            feats.append(F.normalize(hf.text_proj(h[:, 0, :]), dim=-1))
-        state["ids"], state["mask"], state["txt_feats"] = ids, mask, torch.cat(feats)
+        st["ids"], st["mask"] = enc["input_ids"], enc["attention_mask"]
 
     @torch.no_grad()
-    def torch_sim_topk(state):
-        sim = state["img_feats"] @ state["txt_feats"].t()
-        state["sim"] = sim
-        state["topk_sim_txt"], state["topk_txt"] = sim.topk(k=k_txt, dim=1)
-        state["topk_sim_img"], state["topk_img"] = sim.t().topk(k=k_img, dim=1)
+    def torch_texts_step(st, a, b):
+        for c in range(a, b, bs):
+            d = min(b, c + bs)
+            h = hf.text_encoder(input_ids=st["ids"][c:d], attention_mask=st["mask"][c:d]).last_hidden_state
+            st.setdefault("txt_parts", []).append(F.normalize(hf.text_proj(h[:, 0, :]), dim=-1))
+
+    def torch_texts_finish(st):
+        st["txt_feats"] = torch.cat(st.pop("txt_parts"))
+
+    @torch.no_grad()
+    def torch_sim_topk(st, a, b):
+        sim = st["img_feats"] @ st["txt_feats"].t()
+        st["sim"] = sim
+        st["topk_sim_txt"], st["topk_txt"] = sim.topk(k=k_txt, dim=1)
+        st["topk_sim_img"], st["topk_img"] = sim.t().topk(k=k_img, dim=1)
 
     @torch.no_grad()
     def torch_itm(embeds, ids, mask, image_rows, text_rows):
@@ -361,24 +394,54 @@ def main(argv=None) -> dict:
             scores.append(hf.itm_head(h[:, 0, :])[:, 1])
         return torch.cat(scores)
 
-    def torch_itm_i2t(state):
-        topk = state["topk_txt"]
-        itm = torch_itm(state["embeds"], state["ids"], state["mask"],
-                        torch.arange(n_img).repeat_interleave(k_txt), topk.reshape(-1)).reshape(n_img, k_txt)
-        score = torch.full((n_img, n_txt), FILL_VALUE)
-        score.scatter_(1, topk, itm + state["topk_sim_txt"])
-        state["itm_i2t"], state["score_i2t"] = itm, score
+    def torch_i2t_step(st, a, b):
+        st.setdefault("i2t_parts", []).append(torch_itm(
+            st["embeds"], st["ids"], st["mask"], torch.arange(a, b).repeat_interleave(k_txt),
+            st["topk_txt"][a:b].reshape(-1)).reshape(b - a, k_txt))
 
-    def torch_itm_t2i(state):
-        topk = state["topk_img"]
-        itm = torch_itm(state["embeds"], state["ids"], state["mask"],
-                        topk.reshape(-1), torch.arange(n_txt).repeat_interleave(k_img)).reshape(n_txt, k_img)
-        score = torch.full((n_txt, n_img), FILL_VALUE)
-        score.scatter_(1, topk, itm + state["topk_sim_img"])
-        state["itm_t2i"], state["score_t2i"] = itm, score
+    def torch_i2t_finish(st):
+        st["itm_i2t"] = torch.cat(st.pop("i2t_parts"))
+        st["score_i2t"] = torch.full((n_img, n_txt), FILL_VALUE).scatter_(1, st["topk_txt"],
+                                                                          st["itm_i2t"] + st["topk_sim_txt"])
 
-    jax_phases = dict(zip(PHASES, (jax_images, jax_texts, jax_sim_topk, jax_itm_i2t, jax_itm_t2i)))
-    torch_phases = dict(zip(PHASES, (torch_images, torch_texts, torch_sim_topk, torch_itm_i2t, torch_itm_t2i)))
+    def torch_t2i_step(st, a, b):
+        st.setdefault("t2i_parts", []).append(torch_itm(
+            st["embeds"], st["ids"], st["mask"], st["topk_img"][a:b].reshape(-1),
+            torch.arange(a, b).repeat_interleave(k_img)).reshape(b - a, k_img))
+
+    def torch_t2i_finish(st):
+        st["itm_t2i"] = torch.cat(st.pop("t2i_parts"))
+        st["score_t2i"] = torch.full((n_txt, n_img), FILL_VALUE).scatter_(1, st["topk_img"],
+                                                                          st["itm_t2i"] + st["topk_sim_img"])
+
+    procedures = {  # side -> phase -> (begin, step, finish)
+        "jax": dict(images=(None, jax_images_step, jax_images_finish), texts=(None, jax_texts_step, jax_texts_finish),
+                    sim_topk=(None, jax_sim_topk, None), itm_i2t=(None, jax_i2t_step, jax_i2t_finish),
+                    itm_t2i=(None, jax_t2i_step, jax_t2i_finish)),
+        "torch": dict(images=(None, torch_images_step, torch_images_finish),
+                      texts=(torch_texts_begin, torch_texts_step, torch_texts_finish),
+                      sim_topk=(None, torch_sim_topk, None), itm_i2t=(None, torch_i2t_step, torch_i2t_finish),
+                      itm_t2i=(None, torch_t2i_step, torch_t2i_finish)),
+    }
+
+    def run_phase(ph: str, states: dict, sides=("jax", "torch")) -> dict:
+        """One phase, its blocks alternating between the sides -> {side: seconds}."""
+        spent = {side: 0.0 for side in sides}
+
+        def timed(side, fn, *a):
+            if fn is not None:
+                t0 = time.perf_counter()
+                fn(states[side], *a)
+                spent[side] += time.perf_counter() - t0
+
+        for side in sides:
+            timed(side, procedures[side][ph][0])
+        for a, b in phase_blocks[ph]:
+            for side in sides:
+                timed(side, procedures[side][ph][1], a, b)
+        for side in sides:
+            timed(side, procedures[side][ph][2])
+        return spent
 
     # ------------------------------------------------------------------ warm-up (untimed)
     # JAX: the image phase once, and the text and ITM functions at every row count the run uses
@@ -386,13 +449,14 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     c0 = watch.snapshot()
     longest = max(texts, key=lambda t: len(t.split()))
-    image_rows = sorted(set(chunk_rows(model, n_img, SHARD)))
+    image_rows = sorted(set(chunk_rows(model, n_img, bs)))
     text_rows = sorted(set(chunk_rows(model, n_txt, SHARD)))
-    itm_rows = sorted(set(chunk_rows(model, n_img * k_txt, queries * k_txt)
-                          + chunk_rows(model, n_txt * k_img, queries * k_img)))
-    warm = {}
-    jax_images(warm)  # the whole image phase: also compiles its on-device concatenations and slices
-    e = warm["embeds"]
+    itm_chunks = (chunk_rows(model, n_img * k_txt, block_q["i2t"] * k_txt)
+                  + chunk_rows(model, n_txt * k_img, block_q["t2i"] * k_img))
+    itm_rows = sorted(set(itm_chunks))
+    warm = {"jax": {}}
+    run_phase("images", warm, sides=("jax",))  # also compiles its on-device concatenations and slices
+    e = warm["jax"]["embeds"]
     for r in text_rows:
         model.text_features([longest] * r)
     for r in itm_rows:
@@ -410,7 +474,7 @@ def main(argv=None) -> dict:
     torch_warmup_s = time.perf_counter() - t0
     print(f"warm-up: JAX {jax_warmup_s:.1f} s ({c1[0] - c0[0]} compilations, {c1[1] - c0[1]:.1f} s backend "
           f"compile; row counts images {image_rows}, texts {text_rows}, ITM {itm_rows}), "
-          f"PyTorch {torch_warmup_s:.1f} s",
+          f"PyTorch {torch_warmup_s:.1f} s; blocks per phase {({ph: len(b) for ph, b in phase_blocks.items()})}",
           flush=True)
 
     # ------------------------------------------------------------------ timed runs
@@ -418,15 +482,13 @@ def main(argv=None) -> dict:
     states = {}
     compiles_before = watch.snapshot()
     for it in range(args.iters):
-        js, ts = {}, {}
+        states = {"jax": {}, "torch": {}}
         for ph in PHASES:
-            for side, fn, st in (("jax", jax_phases[ph], js), ("torch", torch_phases[ph], ts)):
-                t0 = time.perf_counter()
-                fn(st)
-                times[side][ph].append(time.perf_counter() - t0)
-            print(f"  iter {it} {ph:<9} jax {times['jax'][ph][-1]:8.2f} s   torch {times['torch'][ph][-1]:8.2f} s",
-                  flush=True)
-        states = {"jax": js, "torch": ts}
+            spent = run_phase(ph, states)
+            for side in spent:
+                times[side][ph].append(spent[side])
+            print(f"  iter {it} {ph:<9} jax {spent['jax']:8.2f} s   torch {spent['torch']:8.2f} s   "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
     compiles_after = watch.snapshot()
     timed_compiles = compiles_after[0] - compiles_before[0]
     if timed_compiles:
@@ -465,8 +527,7 @@ def main(argv=None) -> dict:
     total = {side: sum(med[side].values()) for side in med}
     ratio = total["torch"] / total["jax"]
     itm_pairs = dict(i2t=n_img * k_txt, t2i=n_txt * k_img)
-    jax_rows_itm = sum(chunk_rows(model, n_img * k_txt, queries * k_txt)) + sum(chunk_rows(model, n_txt * k_img,
-                                                                                           queries * k_img))
+    jax_rows_itm = sum(itm_chunks)
     measured = dict(jax_pairs=int(js["itm_i2t"].size + js["itm_t2i"].size), jax_rows_incl_padding=int(jax_rows_itm),
                     torch_pairs=int(ts["itm_i2t"].size + ts["itm_t2i"].size))
     n_itm = itm_pairs["i2t"] + itm_pairs["t2i"]
@@ -510,7 +571,10 @@ def main(argv=None) -> dict:
         k=args.k, k_txt=k_txt, k_img=k_img, batch_size=bs, iters=args.iters,
         text_tokens=dict(min=min(widths), max=max(widths), jax_width=int(model._tokenize(texts)[0].shape[1]),
                          torch_width=int(ts["ids"].shape[1]), torch_padding=args.torch_padding),
-        jax_itm_queries_per_shard=queries, scan_layers=args.scan_layers, seed=args.seed, perturb=args.perturb,
+        jax_itm_queries_per_shard=queries,
+        interleave_blocks=dict(pairs_target=args.interleave_pairs, itm_queries=block_q,
+                               count={ph: len(b) for ph, b in phase_blocks.items()}),
+        scan_layers=args.scan_layers, seed=args.seed, perturb=args.perturb,
         phases_s={side: med[side] for side in med},
         phase_ratios={ph: med["torch"][ph] / med["jax"][ph] for ph in PHASES},
         times_s=times,
