@@ -51,7 +51,7 @@ faults per image inside each loader's processes. `ratio = grain images/s / PyTor
 (> 1: grain faster). `training_step_context` compares the loader's rates with the examples/s a BLIP-2 training
 step consumes on this machine (from benchmarks/results/blip2_train_cpu.json, if present).
 
-    python benchmarks/bench_data.py                                 # ~6 min on 2 cores
+    python benchmarks/bench_data.py                                 # ~5 min on 2 cores
     python benchmarks/bench_data.py --small --iters 1 --workers 0   # smoke run, ~10 s
 """
 
