@@ -31,7 +31,6 @@ model generation with max_new_tokens=N and =1; the difference gives the cost of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -42,6 +41,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import write_report, jaxlib_version  # benchmarks/ is on the path when a script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("greedy", "beam5")
@@ -380,7 +381,7 @@ def main(argv=None) -> dict:
         tasks=args.tasks,
         seed=args.seed,
         scan_layers=bool(cfg.scan_layers),
-        versions=dict(jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        versions=dict(jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or jaxlib_version(),
                       torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                       numpy=np.__version__),
         cpu_count=os.cpu_count(),
@@ -400,27 +401,7 @@ def main(argv=None) -> dict:
         breakdown_ms=breakdown,
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    print(f"wrote {out_path}")
-    return report
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except Exception:  # pragma: no cover
-        return None
+    return write_report(out_path, report)
 
 
 if __name__ == "__main__":

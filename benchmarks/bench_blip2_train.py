@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -51,6 +50,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import write_report, jaxlib_version  # benchmarks/ is on the path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -502,7 +503,7 @@ def main(argv=None) -> dict:
         ratios={layout: results[layout]["ratio"] for layout in args.layouts},
         compile_s={layout: results[layout]["jax_compile_s"] for layout in args.layouts},
         breakdown_ms=breakdown,
-        versions=dict(jax=jax.__version__, jaxlib=_jaxlib_version(), torch=torch.__version__,
+        versions=dict(jax=jax.__version__, jaxlib=jaxlib_version(), torch=torch.__version__,
                       transformers=transformers.__version__, python=platform.python_version(), numpy=np.__version__),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
@@ -516,27 +517,7 @@ def main(argv=None) -> dict:
         setup_s=setup_s,
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    print(f"wrote {out_path}")
-    return report
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except Exception:  # pragma: no cover
-        return None
+    return write_report(out_path, report)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ pytorch_time / jax_time: > 1 means JAX is faster.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import write_report, jaxlib_version  # benchmarks/ is on the path when a script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("greedy", "beam3", "train")
@@ -294,7 +295,7 @@ def main(argv=None) -> dict:
         warmup=args.warmup,
         tasks=args.tasks,
         seed=args.seed,
-        versions=dict(jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        versions=dict(jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or jaxlib_version(),
                       torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                       numpy=np.__version__),
         cpu_count=os.cpu_count(),
@@ -311,27 +312,7 @@ def main(argv=None) -> dict:
         compile_s={t: results[t]["jax_compile_s"] for t in rows},
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    print(f"wrote {out_path}")
-    return report
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except Exception:  # pragma: no cover
-        return None
+    return write_report(out_path, report)
 
 
 if __name__ == "__main__":

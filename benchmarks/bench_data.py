@@ -70,6 +70,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import write_report  # benchmarks/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -596,18 +598,7 @@ def main(argv=None) -> dict:
         fixture_s=fixture_s,
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    print(f"wrote {out_path}")
-    return report
+    return write_report(out_path, report)
 
 
 if __name__ == "__main__":

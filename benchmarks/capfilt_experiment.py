@@ -20,7 +20,6 @@ fine-tune with the three pre-training losses stands in for both here.)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -36,10 +35,9 @@ HELD_OUT_SEED = 10_007
 
 
 def _config(name: str, preset: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    from blip_jax.config_files import load_config
+
+    return load_config(ROOT / "configs" / f"{name}.py", preset)
 
 
 def pretrain(workdir: Path, data: dict, steps: int, seed: int, batch_size: int, init_from: str = "") -> Path:

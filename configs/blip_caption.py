@@ -12,9 +12,5 @@ def get_config(arg: str = "tiny"):
     if arg == "tiny":
         return defaults.blip_tiny(c)
     if arg == "coco":  # the paper: 5 epochs, batch 256, lr 1e-5, 384 px
-        c.batch_size = 256
-        c.total_steps = 5 * 566_747 // 256
-        c.optim.update(warmup_steps=0, decay_steps=c.total_steps)
-        c.data.update(kind="json", path="coco_karpathy_train.json", image_root="coco/images")
-        return c
+        return defaults.blip_coco_finetune(c, epochs=5)
     raise ValueError(f"unknown preset {arg!r}: tiny, coco")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from blip_jax import capfilt
+from blip_jax.config_files import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 7
@@ -23,12 +24,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _config(preset: str = "tiny"):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("capfilt_config", ROOT / "configs" / "capfilt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return load_config(ROOT / "configs" / "capfilt.py", preset)
 
 
 # ---------------------------------------------------------------------------------- pure pieces

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blip_jax.config_files import load_config
 from blip_jax.testing import write_caption_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +47,7 @@ def data(tmp_path_factory):
 
 
 def _config(preset: str, data_settings: dict, **data_overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"cfg_{preset}", ROOT / "configs" / f"{preset}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = load_config(ROOT / "configs" / f"{preset}.py", "tiny")
     cfg.data.update({**data_settings, **data_overrides})
     return cfg
 

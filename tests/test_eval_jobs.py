@@ -21,14 +21,11 @@ TASKS = ("retrieval", "retrieval_blip2", "caption", "vqa", "choice", "classifica
 
 
 def _config(task: str, overrides: dict):
-    import importlib.util
+    from blip_jax.config_files import load_config
 
     name = {"retrieval_blip2": "retrieval"}.get(task, task)
-    spec = importlib.util.spec_from_file_location(f"eval_cfg_{name}", ROOT / "configs" / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(*([] if name == "classification" else [{"retrieval": "coco", "caption": "coco",
-                                                                    "vqa": "vqav2", "choice": "aokvqa"}[name]]))
+    preset = {"retrieval": "coco", "caption": "coco", "vqa": "vqav2", "choice": "aokvqa"}.get(name)
+    cfg = load_config(ROOT / "configs" / "eval" / f"{name}.py", preset)
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

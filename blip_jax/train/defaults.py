@@ -116,6 +116,16 @@ def blip_base(objective: str) -> ml_collections.ConfigDict:
     return c
 
 
+def blip_coco_finetune(c: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+    """BLIP's COCO fine-tuning (the paper): batch 256, lr 1e-5 without warmup, the Karpathy train split
+    (566,747 captions) for `epochs` epochs."""
+    c.batch_size = 256
+    c.total_steps = epochs * 566_747 // 256
+    c.optim.update(warmup_steps=0, decay_steps=c.total_steps)
+    c.data.update(kind="json", path="coco_karpathy_train.json", image_root="coco/images")
+    return c
+
+
 def blip_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink a BLIP config to run on a CPU (tests, demos, the CapFilt experiment)."""
     c.batch_size = 8
