@@ -333,11 +333,14 @@ class BlipModel:
             first = np.asarray(_first_token_probs(self.config, self.params, states, mask))[:, answer_ids[:, 1]]
             topk = np.argsort(-first, axis=1, kind="stable")[:, :k]  # [rows, k]
             pairs, question = topk.ravel(), np.repeat(np.arange(rows), k)
-            states, mask = np.asarray(states), np.asarray(mask)
-            pair_scores = np.concatenate([np.asarray(_answer_scores(
-                self.config, self.params, self._rows(states[question[a:b]], r), self._rows(mask[question[a:b]], r),
-                self._rows(answer_ids[pairs[a:b]], r), self._rows(answer_mask[pairs[a:b]], r)))[: b - a]
-                for a, b, r in self._chunks(len(pairs), progress=False)])
+            scored = []
+            for a, b, r in self._chunks(len(pairs), progress=False):
+                q = _pad_rows(question[a:b], r)  # each pair's question, gathered on device
+                scored.append(np.asarray(_answer_scores(
+                    self.config, self.params, self._rows(states[q], r), self._rows(mask[q], r),
+                    self._rows(answer_ids[_pad_rows(pairs[a:b], r)], r),
+                    self._rows(answer_mask[_pad_rows(pairs[a:b], r)], r)))[: b - a])
+            pair_scores = np.concatenate(scored)
             candidates.append(topk[: stop - start])
             scores.append(pair_scores.reshape(rows, k)[: stop - start])
         return np.concatenate(candidates), np.concatenate(scores)
