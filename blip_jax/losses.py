@@ -8,8 +8,8 @@ import jax.numpy as jnp
 IGNORE = -100  # label value excluded from the loss, as in PyTorch
 
 
-def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Mean token cross-entropy over labels != IGNORE, with PyTorch's label smoothing
+def token_cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """(per-token cross-entropy, valid mask) over labels != IGNORE, with PyTorch's label smoothing
     ((1 - s) * NLL + s * mean over classes of -log p)."""
     logits = logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -19,7 +19,18 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     per_token = nll
     if label_smoothing:  # a Python float: no extra pass over the vocabulary when it is 0
         per_token = (1.0 - label_smoothing) * nll + label_smoothing * -logp.mean(axis=-1)
-    return jnp.sum(per_token * valid) / jnp.maximum(valid.sum(), 1)
+    return per_token * valid, valid
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Mean token cross-entropy over labels != IGNORE (see `token_cross_entropy`)."""
+    per_token, valid = token_cross_entropy(logits, labels, label_smoothing)
+    return jnp.sum(per_token) / jnp.maximum(valid.sum(), 1)
+
+
+def sequence_cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Each sequence's summed token cross-entropy [B] (PyTorch's reduction="none" summed per row)."""
+    return token_cross_entropy(logits, labels, label_smoothing)[0].sum(axis=-1)
 
 
 def lm_loss(logits, labels, label_smoothing: float = 0.0):

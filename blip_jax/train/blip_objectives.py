@@ -1,5 +1,5 @@
 """BLIP's own objectives (salesforce/BLIP, LAVIS): pre-training and fine-tuning for retrieval and
-captioning, on the `Blip` module.
+captioning and VQA, on the `Blip` module.
 
 Pre-training = ITC + ITM + LM, equal weights:
   ITC  unit-norm CLS projections, similarities over the global batch plus feature queues filled by
@@ -11,7 +11,10 @@ Pre-training = ITC + ITM + LM, equal weights:
   LM   [DEC] text, next-token cross-entropy with label smoothing 0.1 on every real token.
 Retrieval fine-tuning is ITC + ITM where texts of the same image (`image_index`) are all positives
 (also against an index queue), and ITM never draws a same-image negative. Caption fine-tuning is
-the LM loss with the prompt ("a picture of ") left out of the targets.
+the LM loss with the prompt ("a picture of ") left out of the targets. VQA fine-tuning (the "vqa"
+architecture, encoder and decoder untied) encodes the [ENC] question over the image and decodes
+every answer of the question over the question states: per-answer sequence losses (summed over
+tokens, label smoothing 0.1) weighted by the answers' weights, summed, divided by the batch size.
 
 The momentum parameters and queues are the objective's state (`extra`, checkpointed with the train
 state, momentum sharded like the online parameters); `init_extra` makes it.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from blip_jax.losses import IGNORE, cross_entropy
+from blip_jax.losses import IGNORE, cross_entropy, sequence_cross_entropy
 from blip_jax.models.blip import Blip
 from blip_jax.models.tying import tie
 
@@ -175,3 +178,29 @@ def caption(model, params, batch, rng, cfg, extra):
     image = apply(Blip.encode_image, batch["pixels"], deterministic=False)
     lm = _lm(apply, image, batch["text_ids"], batch["text_mask"], cfg, cfg.prompt_length)
     return lm, {"lm": lm}, extra
+
+
+def vqa(model, params, batch, rng, cfg, extra):
+    """VQA fine-tuning (LAVIS BlipVQA): question_ids/mask [B, T] ([CLS] question [SEP]), answer_ids/mask
+    [B, K, A] ([CLS] answer [SEP]; K answers per question, padding answers have weight 0),
+    answer_weights [B, K]. LAVIS repeats each question's states once per real answer; here every
+    question has K answer rows, which adds weight-0 rows and changes nothing else."""
+    v = {"params": params}
+    r_image, r_question, r_answer = jax.random.split(rng, 3)
+
+    def apply(method, key, *args, **kwargs):
+        return model.apply(v, *args, method=method, rngs={"dropout": key}, deterministic=False, **kwargs)
+
+    image = apply(Blip.encode_image, r_image, batch["pixels"])
+    q_mask = batch["question_mask"]
+    q_ids = batch["question_ids"].at[:, 0].set(cfg.enc_token_id)
+    question = apply(Blip.encode_question, r_question, image, q_ids, q_mask)
+    b, k, length = batch["answer_ids"].shape
+    a_ids = batch["answer_ids"].reshape(b * k, length).at[:, 0].set(cfg.bos_token_id)
+    a_mask = batch["answer_mask"].reshape(b * k, length)
+    logits, _ = apply(Blip.decode, r_answer, a_ids, a_mask, jnp.repeat(question, k, axis=0),
+                      jnp.repeat(q_mask, k, axis=0))
+    targets = jnp.where(a_mask[:, 1:] > 0, a_ids[:, 1:], IGNORE)
+    per_answer = sequence_cross_entropy(logits[:, :-1], targets, cfg.blip_lm_label_smoothing).reshape(b, k)
+    loss = jnp.sum(per_answer * batch["answer_weights"]) / b
+    return loss, {"vqa": loss}, extra

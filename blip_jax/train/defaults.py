@@ -52,6 +52,8 @@ def data_defaults() -> ml_collections.ConfigDict:
         prompt="",  # prefix of every cleaned caption (BLIP's "a picture of ")
         instruction_family="",  # template family for InstructBLIP; empty: each record's task decides
         max_text_len=32,
+        max_answers=10,  # BLIP VQA: answers kept per question (each annotator's distinct answer)
+        max_answer_len=10,  # BLIP VQA: answer tokens incl. [DEC] and [SEP]
         read_threads=2,  # threads preparing records ahead in each process
         worker_count=0,  # grain worker processes decoding images; 0: in-process
     ))

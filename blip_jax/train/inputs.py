@@ -120,6 +120,8 @@ class Task:
             record = {**record, "caption": record["captions"][int(rng.integers(len(record["captions"])))]}
         image = transforms.decode_image(record["image"])
         out = {"pixels": (self.train_image if train else self.eval_image)(image, rng)}
+        if self.cfg.objective == "blip_vqa":
+            return {**out, **self._question_answers(record)}
         if self.cfg.objective in ("stage1", *objectives.BLIP):  # BERT tokens of the caption
             if "caption" not in record:
                 raise BadRecord("bad_text", f"{self.cfg.objective} trains on captions; the record has none")
@@ -155,6 +157,25 @@ class Task:
         loss_mask = mask.copy()
         loss_mask[:, :loss_from] = 0
         return {**out, "ids": ids[0], "mask": mask[0], "loss_mask": loss_mask[0]}
+
+    def _question_answers(self, record: dict) -> dict:
+        """BLIP VQA: the question's BERT tokens and up to `data.max_answers` of its answers (the
+        heaviest first) with their weights (LAVIS: each distinct answer's share of the annotators;
+        a single answer weighs 1); padding answers weigh 0."""
+        d, tok = self.cfg.data, self.qformer_tokenizer
+        answers = list(record.get("answers") or ([record["answer"]] if record.get("answer") else []))
+        if "question" not in record or not answers:
+            raise BadRecord("bad_text", "blip_vqa trains on questions with answers; the record lacks them")
+        weights = list(record.get("answer_weights") or [1.0 / len(answers)] * len(answers))
+        keep = np.argsort(-np.asarray(weights, np.float64), kind="stable")[: d.max_answers]
+        q_ids, q_mask = _pad([tok.encode(transforms.pre_question(record["question"], d.max_words))],
+                             d.max_text_len, tok.pad_token_id)
+        rows = [tok.encode(str(answers[i])) for i in keep]
+        a_ids, a_mask = _pad(rows + [[]] * (d.max_answers - len(rows)), d.max_answer_len, tok.pad_token_id)
+        a_weights = np.zeros(d.max_answers, np.float32)
+        a_weights[: len(keep)] = [weights[i] for i in keep]
+        return {"question_ids": q_ids[0], "question_mask": q_mask[0], "answer_ids": a_ids, "answer_mask": a_mask,
+                "answer_weights": a_weights}
 
     def image_index(self, record: dict) -> int:
         """A stable non-negative integer per image (retrieval fine-tuning's positives)."""
@@ -192,6 +213,11 @@ def batch_shapes(cfg, image_size: int, encoder_decoder: bool) -> dict:
     b, length = cfg.batch_size, cfg.data.max_text_len
     tokens = jax.ShapeDtypeStruct((b, length), np.int32)
     out = {"pixels": jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32)}
+    if cfg.objective == "blip_vqa":
+        k, a = cfg.data.max_answers, cfg.data.max_answer_len
+        answers = jax.ShapeDtypeStruct((b, k, a), np.int32)
+        return {**out, "question_ids": tokens, "question_mask": tokens, "answer_ids": answers,
+                "answer_mask": answers, "answer_weights": jax.ShapeDtypeStruct((b, k), np.float32)}
     if cfg.objective == "stage1" or cfg.objective in objectives.BLIP:
         out.update(text_ids=tokens, text_mask=tokens)
         if cfg.objective == "blip_retrieval":

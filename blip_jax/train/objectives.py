@@ -12,6 +12,9 @@ Batches (numpy / jax arrays, batch-major):
   instruct    qformer_ids, qformer_mask: the instruction for the Q-Former (both LM variants)
   blip_*      text_ids, text_mask [B, T]: BERT tokens ([CLS] text [SEP]); blip_retrieval also
               image_index [B] (texts of one image share it)
+  blip_vqa    question_ids, question_mask [B, T]: BERT tokens of the question; answer_ids,
+              answer_mask [B, K, A]: each question's K answers ([CLS] answer [SEP]); answer_weights
+              [B, K] (0 for padding answers)
 """
 
 from __future__ import annotations
@@ -100,10 +103,11 @@ def lm_weight(batch):
 
 
 OBJECTIVES = {"stage1": stage1, "lm": language_modeling, "blip_pretrain": blip_objectives.pretrain,
-              "blip_retrieval": blip_objectives.retrieval, "blip_caption": blip_objectives.caption}
+              "blip_retrieval": blip_objectives.retrieval, "blip_caption": blip_objectives.caption,
+              "blip_vqa": blip_objectives.vqa}
 # objectives with their own state: its initialiser `(params, loss cfg, rng, batch_size) -> extra`
 EXTRA = {"blip_pretrain": blip_objectives.init_extra, "blip_retrieval": blip_objectives.init_extra}
-BLIP = ("blip_pretrain", "blip_retrieval", "blip_caption")  # objectives of the BLIP model (the rest: BLIP-2)
+BLIP = ("blip_pretrain", "blip_retrieval", "blip_caption", "blip_vqa")  # objectives of the BLIP model (the rest: BLIP-2)
 # each objective's weight of a microbatch in gradient accumulation (None: equal weights; stage 1's
 # contrastive and matching losses see the microbatch's in-batch negatives only, whatever the weights)
-WEIGHTS = {"stage1": None, "lm": lm_weight, "blip_caption": None}
+WEIGHTS = {"stage1": None, "lm": lm_weight, "blip_caption": None, "blip_vqa": None}

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh
@@ -21,6 +22,7 @@ from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
 from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 from blip_jax.models.llm import FAMILIES
 from blip_jax.models.qformer import QFormerConfig
+from blip_jax.models import transfer
 from blip_jax.models.tying import untie
 from blip_jax.train import objectives, partition, sharding
 
@@ -60,17 +62,24 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
         qformer_max_positions=m.qformer_max_positions, **run)
 
 
+# the BLIP architecture each objective trains: "pretrain" has every head and the tied decoder
+# (retrieval fine-tuning uses its encoder, heads and temperature); caption and VQA are untied
+BLIP_ARCHITECTURES = {"blip_pretrain": "pretrain", "blip_retrieval": "pretrain", "blip_caption": "caption",
+                      "blip_vqa": "vqa"}
+
+
 def blip_model_config(cfg, vocab: dict | None = None) -> BlipConfig:
-    """BLIP: the "pretrain" architecture (every head, tied decoder) for pre-training and retrieval,
-    "caption" for caption fine-tuning."""
+    """BLIP: the objective's architecture; from `model.init_from`, the checkpoint's sizes at the run's
+    resolution (`model.vision.image_size`: positions are resized on load)."""
     m = cfg.model
-    architecture = "caption" if cfg.objective == "blip_caption" else "pretrain"
+    architecture = BLIP_ARCHITECTURES[cfg.objective]
     run = dict(dtype=m.dtype, param_dtype="float32", scan_layers=m.scan_layers, remat_policy=m.remat_policy)
     if m.init_from:
         base = checkpoint.read_config(m.init_from)
         if not isinstance(base, BlipConfig):
             raise ValueError(f"{m.init_from} is not a BLIP model directory")
-        return base.replace(architecture=architecture, **run)
+        vision = dataclasses.replace(base.vision, image_size=m.vision.image_size)
+        return base.replace(architecture=architecture, vision=vision, **run)
     vocab = vocab or {}
     ids = {"vocab_size": vocab.get("qformer_vocab_size"), "bos_token_id": vocab.get("qformer_bos_token_id"),
            "pad_token_id": vocab.get("qformer_pad_token_id"), "sep_token_id": vocab.get("qformer_sep_token_id")}
@@ -121,7 +130,9 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     abstract = nn.unbox(boxed)
     flat_sh, flat_abs = _flat(shardings), _flat(abstract)
     restored = {}
-    if init_from:
+    if init_from and isinstance(config, BlipConfig):  # maybe another architecture or resolution
+        restored = _transferred(init_from, config, abstract, flat_sh)
+    elif init_from:
         stored = checkpoint.stored_paths(init_from)
         unknown = [p for p in stored if p not in flat_abs]
         if unknown:
@@ -129,6 +140,8 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
         target = {p: jax.ShapeDtypeStruct(flat_abs[p].shape, flat_abs[p].dtype, sharding=flat_sh[p]) for p in stored}
         restored = _flat(checkpoint.restore_params(init_from, _unflat(target)))
     missing = sorted(p for p in flat_abs if p not in restored)
+    if missing and init_from:
+        logging.info("initialised at random (not in %s): %s", init_from, missing)
     if missing:
         def init_missing(key):
             params = _flat(stored_form(nn.unbox(model.init(key, *args, **kwargs)["params"])))
@@ -138,6 +151,16 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
         with mesh:
             restored.update(jax.jit(init_missing, out_shardings=out_sh)(rng))
     return _unflat(restored), shardings, missing
+
+
+def _transferred(init_from: str, config: BlipConfig, abstract: dict, flat_sh: dict) -> dict:
+    """A BLIP checkpoint's parameters moved to `config`'s architecture and resolution
+    (`blip_jax.models.transfer`), placed in their shardings; BLIP is small enough to read whole."""
+    _, source = checkpoint.load(init_from, scan_layers=config.scan_layers)
+    flat, _, unused = transfer.transfer(source, abstract)
+    if unused:
+        logging.info("%s: not used by the %s model: %s", init_from, config.architecture, unused)
+    return {p: jax.make_array_from_callback(v.shape, flat_sh[p], lambda index, v=v: v[index]) for p, v in flat.items()}
 
 
 def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict | None = None) -> ModelState:

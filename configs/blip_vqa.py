@@ -1,0 +1,31 @@
+"""BLIP VQA fine-tuning: the question encoded over the image ([ENC]), every answer decoded over the
+question states, per-answer losses weighted by the answers' shares; 480 px (positions resized from
+the pre-trained checkpoint's grid on load).
+
+    blip-jax train --config=configs/blip_vqa.py:tiny --workdir=/tmp/blip_vqa
+    blip-jax train --config=configs/blip_vqa.py:vqav2 --config.model.init_from=CONVERTED_BLIP --workdir=W
+"""
+
+from blip_jax.train import defaults
+
+VQAV2_QUESTIONS = 443_757 + 214_354  # LAVIS's vqa_train.json + vqa_val.json
+
+
+def get_config(arg: str = "tiny"):
+    c = defaults.blip_base("blip_vqa")
+    c.optim.lr = 2e-5
+    c.model.vision.image_size = 480
+    if arg == "tiny":
+        c = defaults.blip_tiny(c)
+        c.data.update(max_answers=2, max_answer_len=6)
+        return c
+    if arg == "vqav2":  # the reference: 10 epochs, lr 2e-5 cosine without warmup, 480 px, VQAv2 train + val
+        c.batch_size = 256
+        c.total_steps = 10 * VQAV2_QUESTIONS // c.batch_size
+        c.optim.update(warmup_steps=0, decay_steps=c.total_steps, min_lr=0.0)
+        c.data.update(mixture={
+            "vqa_train": dict(defaults.source_defaults(), kind="json", path="vqa_train.json", image_root="coco/images"),
+            "vqa_val": dict(defaults.source_defaults(), kind="json", path="vqa_val.json", image_root="coco/images"),
+        }, balance="size")  # Visual Genome QA (LAVIS vg_qa) can be added as a third entry
+        return c
+    raise ValueError(f"unknown preset {arg!r}: tiny, vqav2")
