@@ -16,5 +16,6 @@ def get_config(arg: str = "tiny"):
         c.total_steps = 20 * 14_000_000 // 2880
         c.optim.update(decay_steps=c.total_steps)
         c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        c.loss.itm_negatives = "device"  # BLIP pre-training mines ITM negatives on each GPU's batch
         return c
     raise ValueError(f"unknown preset {arg!r}: tiny, base")

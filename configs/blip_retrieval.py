@@ -11,6 +11,6 @@ def get_config(arg: str = "tiny"):
     c = defaults.blip_base("blip_retrieval")
     if arg == "tiny":
         return defaults.blip_tiny(c)
-    if arg == "coco":  # the paper: 6 epochs, batch 256, lr 1e-5, 384 px
+    if arg == "coco":  # the paper: 6 epochs, batch 256, lr 1e-5, 384 px, negatives over all devices
         return defaults.blip_coco_finetune(c, epochs=6)
     raise ValueError(f"unknown preset {arg!r}: tiny, coco")

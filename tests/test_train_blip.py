@@ -85,7 +85,8 @@ def test_hard_negatives_never_pick_a_positive_and_follow_the_similarities():
     rng = np.random.default_rng(2)
     sim = jnp.asarray(rng.normal(size=(4, 4)) * 3, jnp.float32)
     idx = jnp.array([0, 1, 1, 2])
-    same = idx[:, None] == idx[None, :]
+    same = bo.not_negatives(idx, "global", 1)
+    np.testing.assert_array_equal(same, np.asarray(idx)[:, None] == np.asarray(idx)[None, :])
     draws = np.asarray(jax.vmap(lambda k: bo.hard_negatives(k, sim, same))(jax.random.split(jax.random.PRNGKey(0),
                                                                                               4000)))
     assert not np.asarray(same)[np.arange(4)[None, :].repeat(4000, 0), draws].any()
@@ -94,6 +95,20 @@ def test_hard_negatives_never_pick_a_positive_and_follow_the_similarities():
     for row in range(4):
         freq = np.bincount(draws[:, row], minlength=4) / len(draws)
         np.testing.assert_allclose(freq, expected[row], atol=0.03)
+
+
+def test_per_device_negatives_stay_on_their_device():
+    """itm_negatives="device": rows 0-3 and 4-7 are two devices' batches; no draw crosses over."""
+    idx = jnp.arange(8)
+    excluded = bo.not_negatives(idx, "device", 2)
+    sim = jnp.zeros((8, 8))
+    draws = np.asarray(jax.vmap(lambda k: bo.hard_negatives(k, sim, excluded))(jax.random.split(jax.random.PRNGKey(1),
+                                                                                                 500)))
+    rows = np.arange(8)[None, :]
+    assert ((draws // 4) == (rows // 4)).all() and (draws != rows).all()
+    assert len(np.unique(draws[:, 0])) == 3  # the other three rows of device 0 all occur
+    with pytest.raises(ValueError, match="itm_negatives"):
+        bo.not_negatives(idx, "local", 2)
 
 
 def test_lm_label_smoothing_matches_pytorch():
@@ -289,8 +304,9 @@ def test_vqa_loss_matches_the_reference_procedure(hf_checkpoint, converted, hf_m
              "answer_mask": jnp.asarray(a_mask), "answer_weights": jnp.asarray(a_w)}
     config, params = checkpoint.load(converted("vqa"))
     quiet = config.replace(vision=dataclasses.replace(config.vision, drop_path_rate=0.0, attention_dropout=0.0),
-                           text=dataclasses.replace(config.text, hidden_dropout=0.0, attention_dropout=0.0))
-    loss_cfg = type("LossConfig", (), dict(enc_token_id=enc_id, bos_token_id=bos_id, blip_lm_label_smoothing=0.1))
+                           text=dataclasses.replace(config.text, hidden_dropout=0.0, attention_dropout=0.0,
+                                                    enc_token_id=enc_id))
+    loss_cfg = type("LossConfig", (), dict(bos_token_id=bos_id, blip_lm_label_smoothing=0.1))
     loss, _, _ = bo.vqa(Blip(quiet), params, batch, jax.random.PRNGKey(0), loss_cfg, {})
     print("vqa loss", float(loss), "reference", expected)
     assert float(loss) == pytest.approx(expected, rel=1e-5)

@@ -75,17 +75,25 @@ class Blip(nn.Module):
         hidden, _ = self.text_encoder(input_ids, attention_mask, deterministic=deterministic)
         return l2_normalize(self.text_proj(hidden[:, 0]))
 
-    def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
-        """2-way match logits [B, 2] from the image-grounded encoder's first token."""
+    def encode_grounded(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
+        """The image-grounded encoder's states [B, T, D] of [CLS] text [SEP] (first token -> [ENC]
+        when the config names it)."""
+        enc = self.config.text.enc_token_id
+        if enc >= 0:
+            input_ids = input_ids.at[:, 0].set(enc)
         hidden, _ = self.text_encoder(input_ids, attention_mask, encoder_states=image_embeds,
                                       deterministic=deterministic)
+        return hidden
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
+        """2-way match logits [B, 2] from the image-grounded encoder's first token."""
+        hidden = self.encode_grounded(image_embeds, input_ids, attention_mask, deterministic)
         return self.itm_head(hidden[:, 0]).astype(jnp.float32)
 
     # ----------------------------------------------------------------- VQA
     def encode_question(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):
-        hidden, _ = self.text_encoder(input_ids, attention_mask, encoder_states=image_embeds,
-                                      deterministic=deterministic)
-        return hidden
+        """Question states for the answer decoder: the image-grounded encoding of the question."""
+        return self.encode_grounded(image_embeds, input_ids, attention_mask, deterministic)
 
     # ----------------------------------------------------------------- full forward
     def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None, decoder_attention_mask=None,

@@ -75,6 +75,9 @@ class TextConfig:
     pad_token_id: int = 0
     bos_token_id: int = 30522  # [DEC]
     sep_token_id: int = 102  # [SEP], the end of a caption
+    # the first token of image-grounded encoding (ITM, VQA questions): [ENC]'s id as LAVIS trains and
+    # evaluates (models trained here store it); -1 keeps [CLS], as transformers' BLIP runs
+    enc_token_id: int = -1
     tie_word_embeddings: bool = True
 
     def __post_init__(self):

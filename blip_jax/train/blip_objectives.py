@@ -6,13 +6,13 @@ Pre-training = ITC + ITM + LM, equal weights:
        momentum encoders (EMA of ViT, text encoder and projections, `momentum` 0.995), divided by
        the learnable temperature clamped to [0.001, 0.5]; targets (1 - alpha) * one-hot + alpha *
        softmax(momentum similarities), alpha ramped linearly from 0 over `alpha_ramp_steps`.
-  ITM  [ENC] text over the image: each image with a hard negative text and each text with a hard
+  ITM  [ENC] text over the image (the model config's `enc_token_id`): each image with a hard negative text and each text with a hard
        negative image, drawn from softmax(similarity) + 1e-4 with the positives removed.
   LM   [DEC] text, next-token cross-entropy with label smoothing 0.1 on every real token.
 Retrieval fine-tuning is ITC + ITM where texts of the same image (`image_index`) are all positives
 (also against an index queue), and ITM never draws a same-image negative. Caption fine-tuning is
 the LM loss with the prompt ("a picture of ") left out of the targets. VQA fine-tuning (the "vqa"
-architecture, encoder and decoder untied) encodes the [ENC] question over the image and decodes
+architecture, encoder and decoder untied) encodes the question over the image and decodes
 every answer of the question over the question states: per-answer sequence losses (summed over
 tokens, label smoothing 0.1) weighted by the answers' weights, summed, divided by the batch size.
 
@@ -87,10 +87,23 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     return loss, sim_i2t, sim_t2i
 
 
-def hard_negatives(key, sim, same):
-    """For each row, a column drawn with probability softmax(sim row) + 1e-4, never where `same`
+def not_negatives(idx, mode: str, shards: int):
+    """[B, B] True where column j cannot be row i's ITM negative: the same image, and with
+    mode "device" another shard of the batch (each device mines its own rows, as BLIP pre-training
+    does on each GPU); "global" mines over the whole batch."""
+    excluded = idx[:, None] == idx[None, :]
+    if mode == "device":
+        shard = jnp.arange(idx.shape[0]) // (idx.shape[0] // shards)
+        return excluded | (shard[:, None] != shard[None, :])
+    if mode != "global":
+        raise ValueError(f"loss.itm_negatives must be 'global' or 'device', got {mode!r}")
+    return excluded
+
+
+def hard_negatives(key, sim, excluded):
+    """For each row, a column drawn with probability softmax(sim row) + 1e-4, never where `excluded`
     (BLIP's ITM negatives; `sim` [B, B] without gradient)."""
-    weights = jnp.where(same, 0.0, jax.nn.softmax(jax.lax.stop_gradient(sim), -1) + 1e-4)
+    weights = jnp.where(excluded, 0.0, jax.nn.softmax(jax.lax.stop_gradient(sim), -1) + 1e-4)
     return jax.random.categorical(key, jnp.log(weights))
 
 
@@ -126,13 +139,12 @@ def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm
                                      extra["text_queue"], temp, alpha, positives)
 
     # ITM: negatives drawn from the in-batch similarities, never a positive
-    same = idx[:, None] == idx[None, :]
+    excluded = not_negatives(idx, cfg.itm_negatives, cfg.batch_shards)
     k_img, k_txt = jax.random.split(r_neg)
-    neg_image = hard_negatives(k_img, sim_t2i[:, :b], same)  # for each text
-    neg_text = hard_negatives(k_txt, sim_i2t[:, :b], same)  # for each image
-    enc_ids = ids.at[:, 0].set(cfg.enc_token_id)
+    neg_image = hard_negatives(k_img, sim_t2i[:, :b], excluded)  # for each text
+    neg_text = hard_negatives(k_txt, sim_i2t[:, :b], excluded)  # for each image
     itm_logits = apply(Blip.itm_logits, jnp.concatenate([image, image[neg_image], image]),
-                       jnp.concatenate([enc_ids, enc_ids, enc_ids[neg_text]]),
+                       jnp.concatenate([ids, ids, ids[neg_text]]),
                        jnp.concatenate([mask, mask, mask[neg_text]]), deterministic=False)
     itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
     itm = cross_entropy(itm_logits, itm_labels)
@@ -193,8 +205,7 @@ def vqa(model, params, batch, rng, cfg, extra):
 
     image = apply(Blip.encode_image, r_image, batch["pixels"])
     q_mask = batch["question_mask"]
-    q_ids = batch["question_ids"].at[:, 0].set(cfg.enc_token_id)
-    question = apply(Blip.encode_question, r_question, image, q_ids, q_mask)
+    question = apply(Blip.encode_question, r_question, image, batch["question_ids"], q_mask)
     b, k, length = batch["answer_ids"].shape
     a_ids = batch["answer_ids"].reshape(b * k, length).at[:, 0].set(cfg.bos_token_id)
     a_mask = batch["answer_mask"].reshape(b * k, length)

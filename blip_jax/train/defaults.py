@@ -80,7 +80,10 @@ def base() -> ml_collections.ConfigDict:
     c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1,
                   # BLIP: momentum encoders, queues, distillation, [ENC] / prompt token counts (set per run)
                   momentum=0.995, alpha=0.4, alpha_ramp_steps=2000, queue_size=57600,
-                  blip_lm_label_smoothing=0.1, enc_token_id=-1, prompt_length=0)
+                  blip_lm_label_smoothing=0.1, prompt_length=0,
+                  # ITM hard negatives from the whole global batch ("global": BLIP's negative_all_rank)
+                  # or from each device's rows ("device": BLIP pre-training); batch_shards is set per run
+                  itm_negatives="global", batch_shards=1)
     c.data = data_defaults()
     c.model = ml_collections.ConfigDict(dict(
         init_from="",  # a converted blip-jax model directory; empty: random initialisation from the fields

@@ -1,6 +1,6 @@
 """What a run learned, shown at its end on held-out synthetic records (a seed the run never reads):
-stage 1 reports ITC retrieval accuracy (R@1 both ways); LM stages print greedy outputs beside the
-references. Written to W/report.json and returned."""
+stage 1 and BLIP pre-training / retrieval report ITC retrieval accuracy (R@1 both ways); LM stages,
+BLIP captioning and VQA print greedy outputs beside the references (VQA: exact-match accuracy). Written to W/report.json and returned."""
 
 from __future__ import annotations
 
@@ -44,12 +44,35 @@ def _blip_report(st, params, batch, records) -> dict:
     return _retrieval_r1(image_feats @ text_feats.T, records)
 
 
+def _blip_generation_report(cfg, st, params, task, records, shown: int) -> dict:
+    """BLIP caption / VQA models: greedy captions after the prompt, or greedy answers (exact match)."""
+    from blip_jax.api import BlipModel
+
+    model = BlipModel(st.config, params, task.qformer_tokenizer)
+    images = [r["image"] for r in records]
+    if st.config.architecture == "vqa":
+        questions = [r["question"] for r in records]
+        answers = model.vqa(images, questions, num_beams=1, max_new_tokens=cfg.data.max_answer_len)
+        examples = [{"question": q, "generated": a, "reference": r["answer"]}
+                    for q, a, r in zip(questions, answers, records)]
+        return {"held_out": len(records), "exact_match": float(np.mean([e["generated"] == e["reference"]
+                                                                         for e in examples])),
+                "examples": examples[:shown]}
+    prompt = cfg.data.prompt.strip()
+    captions = model.caption(images[:shown], prompt=prompt or None, num_beams=1, min_new_tokens=0,
+                             max_new_tokens=cfg.data.max_text_len)
+    return {"held_out": shown, "examples": [{"generated": c, "reference": r["caption"]}
+                                            for c, r in zip(captions, records)]}
+
+
 def report(cfg, st, task, n: int = 32, shown: int = 4) -> dict:
     params = jax.device_get(partition.merge(st.train["params"], st.frozen))
     records = held_out_records(cfg, n)
     batch = task.eval_batch(records)
-    if isinstance(st.config, BlipConfig):  # BLIP: held-out ITC retrieval (captioning models: none)
-        return _blip_report(st, tie(params), batch, records) if st.config.architecture == "pretrain" else {}
+    if isinstance(st.config, BlipConfig):
+        if st.config.architecture == "pretrain":
+            return _blip_report(st, tie(params), batch, records)
+        return _blip_generation_report(cfg, st, params, task, records, shown)
     model = Blip2(st.config)
     v = {"params": params}
     image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip2.encode_image)

@@ -79,10 +79,14 @@ def blip_model_config(cfg, vocab: dict | None = None) -> BlipConfig:
         if not isinstance(base, BlipConfig):
             raise ValueError(f"{m.init_from} is not a BLIP model directory")
         vision = dataclasses.replace(base.vision, image_size=m.vision.image_size)
-        return base.replace(architecture=architecture, vision=vision, **run)
+        text = base.text
+        if vocab and vocab.get("qformer_enc_token_id") is not None:  # trained here: [ENC] as LAVIS
+            text = dataclasses.replace(text, enc_token_id=vocab["qformer_enc_token_id"])
+        return base.replace(architecture=architecture, vision=vision, text=text, **run)
     vocab = vocab or {}
     ids = {"vocab_size": vocab.get("qformer_vocab_size"), "bos_token_id": vocab.get("qformer_bos_token_id"),
-           "pad_token_id": vocab.get("qformer_pad_token_id"), "sep_token_id": vocab.get("qformer_sep_token_id")}
+           "pad_token_id": vocab.get("qformer_pad_token_id"), "sep_token_id": vocab.get("qformer_sep_token_id"),
+           "enc_token_id": vocab.get("qformer_enc_token_id")}
     text = TextConfig(**{**m.text.to_dict(), **{k: v for k, v in ids.items() if v is not None}})
     return BlipConfig(architecture=architecture, vision=VisionConfig(**m.vision.to_dict()), text=text,
                       embed_dim=m.embed_dim, **run)

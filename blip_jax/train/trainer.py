@@ -169,10 +169,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     vocab = task.vocab()
     if cfg.objective == "stage1" or cfg.objective in objectives.BLIP:
         cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]  # ITG's / LM's first token, [DEC]
-    if cfg.objective in objectives.BLIP:
-        cfg.loss.enc_token_id = vocab["qformer_enc_token_id"]  # ITM's first token, [ENC]
-        if cfg.objective == "blip_caption":  # [DEC] + the prompt's tokens are not targets
-            cfg.loss.prompt_length = len(task.qformer_tokenizer.encode(cfg.data.prompt)) - 1
+    cfg.loss.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's shards (sharding.batch_sharding)
+    if cfg.objective == "blip_caption":  # [DEC] + the prompt's tokens are not targets
+        cfg.loss.prompt_length = len(task.qformer_tokenizer.encode(cfg.data.prompt)) - 1
     st = state_lib.create(cfg, mesh, optimizer, vocab)
     data = task.iterator(process_index=jax.process_index(), process_count=jax.process_count())
     manager = _checkpoint_manager(workdir, cfg)
