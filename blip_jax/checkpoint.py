@@ -55,6 +55,16 @@ def atomic_directory(dst: str | Path, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _writer():
+    """Orbax's PyTree checkpointer; in a multi-process job, one for the calling process alone (a
+    model directory is written by one host after gathering), so the others need not join its barriers."""
+    if jax.process_count() == 1:
+        return ocp.PyTreeCheckpointer()
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=options)
+
+
 def save_params(directory: Path, params, *, part_bytes: int = PART_BYTES, progress: bool = False) -> None:
     """Save a parameter tree as Orbax checkpoints of at most ~`part_bytes` each (params/part_NNNNN,
     listed in params/parts.json). Leaves may be lazy (`LazyWeight`, read here one at a time), so a
@@ -70,7 +80,7 @@ def save_params(directory: Path, params, *, part_bytes: int = PART_BYTES, progre
 
     def flush():
         nonlocal part, size
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with _writer() as ckptr:
             ckptr.save(root / f"part_{len(parts):05d}", traverse_util.unflatten_dict(part, sep="/"))
         parts.append(sorted(part))
         part, size = {}, 0

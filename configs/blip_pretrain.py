@@ -13,8 +13,11 @@ def get_config(arg: str = "tiny"):
         return defaults.blip_tiny(c)
     if arg == "base":  # the paper (ViT-B): 20 epochs of 14M images, batch 2880, 224 px
         c.batch_size = 2880
-        c.total_steps = 20 * 14_000_000 // 2880
-        c.optim.update(decay_steps=c.total_steps)
+        epoch = 14_000_000 // c.batch_size
+        c.total_steps = 20 * epoch
+        # lr 1e-6 -> 3e-4 over 3000 steps, then x0.9 each epoch (floor 1e-6); alpha ramps over 2 epochs
+        c.optim.update(schedule="step", warmup_lr=1e-6, steps_per_epoch=epoch, decay_steps=c.total_steps)
+        c.loss.alpha_ramp_steps = 2 * epoch
         c.mesh = dict(data=-1, fsdp=1, tensor=1)
         c.loss.itm_negatives = "device"  # BLIP pre-training mines ITM negatives on each GPU's batch
         return c

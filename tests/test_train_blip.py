@@ -384,3 +384,57 @@ def test_blip_vqa_trains_from_a_converted_transformers_checkpoint(tmp_path, conv
 
     record = SyntheticShapes(1, seed=3, image_size=48)[0]
     assert isinstance(model.vqa([record["image"]], [record["question"]], max_new_tokens=4)[0], str)
+
+
+def test_retrieval_fine_tuning_from_a_transformers_retrieval_model_initialises_only_what_it_lacks(converted):
+    """transformers' retrieval model has no decoder and no temperature: those (and only those) start
+    at random; everything else is the checkpoint's, and the run's [ENC] id is set."""
+    from flax import linen as nn
+    from flax import traverse_util
+
+    from blip_jax import checkpoint
+    from blip_jax.config_files import load_config
+    from blip_jax.train import sharding, state
+
+    cfg = load_config(ROOT / "configs/blip_retrieval.py", "tiny")
+    cfg.model.init_from = str(converted("retrieval"))
+    source_config, source = checkpoint.load(converted("retrieval"))
+    cfg.model.vision.image_size = source_config.vision.image_size
+    config = state.model_config(cfg, {"qformer_enc_token_id": 7})
+    assert config.architecture == "pretrain" and config.text.enc_token_id == 7
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        params, _, missing = state.init_params(config, mesh, sharding.DEFAULT_RULES, jax.random.PRNGKey(0),
+                                               cfg.model.init_from)
+    assert missing and all(p == "temp" or p.startswith("text_decoder/") for p in missing)
+    assert "temp" in missing and any("/self_attn/" in p for p in missing)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    for path, value in traverse_util.flatten_dict(source, sep="/").items():
+        np.testing.assert_array_equal(flat[path], value)
+
+
+def test_pretraining_lr_schedule_follows_blip():
+    """optim.schedule="step" against BLIP's pre-training loop: `warmup_lr_schedule` over the first
+    steps of epoch 0, then `step_lr_schedule` (lr * rate ** epoch, floored) at each epoch."""
+    import math
+
+    import ml_collections
+
+    from blip_jax.train import optim
+
+    cfg = ml_collections.ConfigDict(dict(lr=3e-4, min_lr=1e-6, warmup_steps=30, decay_steps=0, schedule="step",
+                                         warmup_lr=1e-6, decay_rate=0.9, steps_per_epoch=50))
+    fn = optim.schedule(cfg)
+
+    def blip_lr(step):  # BLIP pretrain.py: per epoch step_lr_schedule, warmup_lr_schedule inside epoch 0
+        epoch, i = divmod(step, cfg.steps_per_epoch)
+        lr = max(cfg.min_lr, cfg.lr * cfg.decay_rate ** epoch)
+        if epoch == 0 and i < cfg.warmup_steps:
+            lr = min(cfg.lr, cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * i / cfg.warmup_steps)
+        return lr
+
+    for step in [0, 1, 15, 29, 30, 49, 50, 99, 100, 2000, 5000]:
+        assert float(fn(step)) == pytest.approx(blip_lr(step), rel=1e-5), step
+    assert math.isclose(blip_lr(5000), 1e-6)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        optim.schedule(ml_collections.ConfigDict({**cfg.to_dict(), "steps_per_epoch": 0}))

@@ -76,7 +76,8 @@ def base() -> ml_collections.ConfigDict:
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.trainable = list(TRAINABLE)
     c.optim = dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, decay_steps=100, b1=0.9, b2=0.98, eps=1e-8,
-                   weight_decay=0.05, clip_norm=0.0)
+                   weight_decay=0.05, clip_norm=0.0,
+                   schedule="cosine", warmup_lr=0.0, decay_rate=0.9, steps_per_epoch=0)  # the last three: "step"
     c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1,
                   # BLIP: momentum encoders, queues, distillation, [ENC] / prompt token counts (set per run)
                   momentum=0.995, alpha=0.4, alpha_ramp_steps=2000, queue_size=57600,
@@ -127,6 +128,7 @@ def blip_coco_finetune(c: ml_collections.ConfigDict, epochs: int) -> ml_collecti
     c.batch_size = 256
     c.total_steps = epochs * 566_747 // 256
     c.optim.update(warmup_steps=0, decay_steps=c.total_steps)
+    c.loss.alpha_ramp_steps = 566_747 // 256  # retrieval: distillation ramps over the first epoch
     c.data.update(kind="json", path="coco_karpathy_train.json", image_root="coco/images")
     return c
 

@@ -224,7 +224,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                                                            data=ocp.args.JsonSave(inputs.iterator_state(data))),
                              force=True)
         _check_finite(st.train, cfg)
-        if cfg.objective in objectives.BLIP and jax.process_count() == 1:
+        if cfg.objective in objectives.BLIP:
             from blip_jax.train.export import export_model
 
             last["model"] = str(export_model(workdir, st, task))
