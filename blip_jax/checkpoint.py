@@ -88,7 +88,9 @@ def save_params(directory: Path, params, *, part_bytes: int = PART_BYTES, progre
     with tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress) as bar:
         for path in list(flat):
             value = np.asarray(flat.pop(path))  # a lazy weight is read here
-            part[path] = jax.device_put(value)  # Orbax copies numpy leaves twice while writing; jax ones once
+            # Orbax copies numpy leaves twice while writing, jax ones once; but a multi-process job
+            # may only hand it global arrays, so there (one host writing gathered values) numpy it is
+            part[path] = jax.device_put(value) if jax.process_count() == 1 else value
             size += value.nbytes
             bar.update(value.nbytes)
             del value
