@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from blip_jax import checkpoint, generation
 from blip_jax.images import ImageProcessor
+from blip_jax.losses import BLIP_LABEL_SMOOTHING, IGNORE, sequence_cross_entropy
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
 from blip_jax.models.med import merge_cache, split_cache
@@ -104,11 +105,8 @@ def _answer_scores(config: BlipConfig, params, question_states, question_mask, a
     smoothing 0.1 (BLIP's decoder loss, kept in its ranking), padding excluded."""
     logits, _ = Blip(config).apply({"params": params}, answer_ids, answer_mask, question_states, question_mask,
                                    method=Blip.decode)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    targets = answer_ids[:, 1:]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    per_token = 0.9 * nll + 0.1 * -logp.mean(-1)
-    return -(per_token * answer_mask[:, 1:]).sum(-1)
+    targets = jnp.where(answer_mask[:, 1:] > 0, answer_ids[:, 1:], IGNORE)
+    return -sequence_cross_entropy(logits[:, :-1], targets, BLIP_LABEL_SMOOTHING)
 
 
 def generate_text(config: BlipConfig, params, encoder_states, encoder_mask, prompt_ids,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 IGNORE = -100  # label value excluded from the loss, as in PyTorch
+BLIP_LABEL_SMOOTHING = 0.1  # BLIP's text decoder loss (training, and LAVIS's VQA rank scores)
 
 
 def token_cross_entropy(logits, labels, label_smoothing: float = 0.0):

@@ -272,7 +272,6 @@ def test_sampling_seed_and_kept_set():
                  rng=jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(c.sequences), np.asarray(d.sequences))
     # every sampled token lies in HF's kept set for its history (recomputed with the torch model)
-    cfg = GenerationConfig(**base)
     seqs = torch.tensor(np.asarray(a.sequences), dtype=torch.long)
     rmask = torch.tensor(np.repeat(mask, 2, 0))
     lens = generated_lengths(seqs.numpy(), [EOS])

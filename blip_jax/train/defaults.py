@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from blip_jax.losses import BLIP_LABEL_SMOOTHING
 from blip_jax.train.sharding import DEFAULT_RULES
 
 # Parameters that train in BLIP-2 / InstructBLIP: ln_vision, the queries, the Q-Former (and its
@@ -81,7 +82,7 @@ def base() -> ml_collections.ConfigDict:
     c.loss = dict(itc_label_smoothing=0.1, itg_label_smoothing=0.1, lm_label_smoothing=0.0, bos_token_id=-1,
                   # BLIP: momentum encoders, queues, distillation, [ENC] / prompt token counts (set per run)
                   momentum=0.995, alpha=0.4, alpha_ramp_steps=2000, queue_size=57600,
-                  blip_lm_label_smoothing=0.1, prompt_length=0,
+                  blip_lm_label_smoothing=BLIP_LABEL_SMOOTHING, prompt_length=0,
                   # ITM hard negatives from the whole global batch ("global": BLIP's negative_all_rank)
                   # or from each device's rows ("device": BLIP pre-training); batch_shards is set per run
                   itm_negatives="global", batch_shards=1)
