@@ -20,9 +20,7 @@ def get_config(arg: str = "tiny"):
         c.data.update(max_answers=2, max_answer_len=6)
         return c
     if arg == "vqav2":  # the reference: 10 epochs, lr 2e-5 cosine without warmup, 480 px, VQAv2 train + val
-        c.batch_size = 256
-        c.total_steps = 10 * VQAV2_QUESTIONS // c.batch_size
-        c.optim.update(warmup_steps=0, decay_steps=c.total_steps, min_lr=0.0)
+        defaults.blip_finetune(c, epochs=10, records=VQAV2_QUESTIONS)
         c.data.update(mixture={
             "vqa_train": dict(defaults.source_defaults(), kind="json", path="vqa_train.json", image_root="coco/images"),
             "vqa_val": dict(defaults.source_defaults(), kind="json", path="vqa_val.json", image_root="coco/images"),

@@ -110,6 +110,7 @@ def blip_base(objective: str) -> ml_collections.ConfigDict:
     c.optim.update(lr=3e-4 if objective == "blip_pretrain" else 1e-5, min_lr=1e-6, warmup_steps=3000, b2=0.999,
                    weight_decay=0.05)
     c.data.augment = "blip_train"  # RandAugment as BLIP
+    c.data.min_scale = 0.2 if objective == "blip_pretrain" else 0.5  # BLIP's random resized crop scales
     c.data.max_words = 30 if objective == "blip_pretrain" else 50
     c.data.max_text_len = 35
     m = c.model
@@ -123,15 +124,21 @@ def blip_base(objective: str) -> ml_collections.ConfigDict:
     return c
 
 
-def blip_coco_finetune(c: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
-    """BLIP's COCO fine-tuning (the paper): batch 256, lr 1e-5 without warmup, the Karpathy train split
-    (566,747 captions) for `epochs` epochs."""
+def blip_finetune(c: ml_collections.ConfigDict, epochs: int, records: int) -> ml_collections.ConfigDict:
+    """BLIP's fine-tuning schedule (the paper): batch 256, the objective's lr without warmup, cosine to
+    0 over `epochs` epochs of `records`; retrieval's distillation ramps over the first epoch."""
     c.batch_size = 256
-    c.total_steps = epochs * 566_747 // 256
-    c.optim.update(warmup_steps=0, decay_steps=c.total_steps)
-    c.loss.alpha_ramp_steps = 566_747 // 256  # retrieval: distillation ramps over the first epoch
-    c.data.update(kind="json", path="coco_karpathy_train.json", image_root="coco/images")
+    epoch = records // c.batch_size
+    c.total_steps = epochs * epoch
+    c.optim.update(warmup_steps=0, decay_steps=c.total_steps, min_lr=0.0)
+    c.loss.alpha_ramp_steps = epoch
     return c
+
+
+def blip_coco_finetune(c: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+    """`blip_finetune` on COCO's Karpathy train split (566,747 captions)."""
+    c.data.update(kind="json", path="coco_karpathy_train.json", image_root="coco/images")
+    return blip_finetune(c, epochs, 566_747)
 
 
 def blip_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
