@@ -137,6 +137,32 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
+MAX_SHARED_ROWS = 16  # ITM pairs of one image sharing its cross-attention keys and values in a batch
+
+
+def _shared_rows(image_index: np.ndarray, batch_size: int) -> int:
+    """Rows per image slot: a power of two up to the median number of pairs per image (padding a
+    slot wastes at most this many rows), at most MAX_SHARED_ROWS and the batch size."""
+    if not len(image_index):
+        return 1
+    median = int(np.median(np.unique(image_index, return_counts=True)[1]))
+    return min(1 << (median.bit_length() - 1), MAX_SHARED_ROWS, _bucket(batch_size))
+
+
+def _slots(image_index: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs laid out by image: (image of each slot [S], pair indices of each slot [S, group], -1 padding)."""
+    order = np.argsort(image_index, kind="stable")
+    images, starts, counts = np.unique(image_index[order], return_index=True, return_counts=True)
+    per_image = -(-counts // group)
+    slot_image = np.repeat(images, per_image)
+    slot_pairs = np.full((len(slot_image), group), -1, np.int64)
+    first_slot = np.concatenate([[0], np.cumsum(per_image)[:-1]])
+    for slot0, start, count in zip(first_slot, starts, counts):
+        flat = slot_pairs[slot0:slot0 + -(-count // group)].reshape(-1)  # a view: writes land in slot_pairs
+        flat[:count] = order[start:start + count]
+    return slot_image, slot_pairs
+
+
 def _as_list(x) -> list:
     if isinstance(x, (str, Path)) or not isinstance(x, (list, tuple)):
         return [x]
@@ -211,14 +237,16 @@ class BlipModel:
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=self.tokenizer.pad_token_id)
         return ids.astype(np.int32), np.pad(mask, ((0, 0), (0, pad))).astype(np.int32)
 
-    def _chunks(self, n: int, progress: bool | None = None):
-        """(start, stop, padded rows) of each batch; rows are a power of two (one compile per size)
-        and, on a mesh, a multiple of its devices so each gets the same number."""
-        starts = range(0, n, self.batch_size)
+    def _chunks(self, n: int, progress: bool | None = None, size: int | None = None):
+        """(start, stop, padded rows) of each batch of `size` (default: the batch size); rows are a
+        power of two (one compile per size) and, on a mesh, a multiple of its devices so each gets
+        the same number."""
+        size = size or self.batch_size
+        starts = range(0, n, size)
         if (self.progress if progress is None else progress) and len(starts) > 1:
             starts = tqdm(starts, unit="batch", desc=f"blip-jax {self.architecture}")
         for start in starts:
-            stop = min(n, start + self.batch_size)
+            stop = min(n, start + size)
             rows = _bucket(stop - start)
             if self.mesh is not None:
                 rows = -(-rows // self.mesh.size) * self.mesh.size
@@ -293,14 +321,24 @@ class BlipModel:
     _text_features = staticmethod(_text_features)
 
     def _itm_rows(self, image_embeds, image_index: np.ndarray, texts: list[str]) -> np.ndarray:
-        """ITM logits [N, 2] of (image_embeds[image_index[i]], texts[i]) pairs."""
-        out = []
-        for start, stop, rows in self._chunks(len(texts)):
-            ids, mask = self._tokenize(texts[start:stop])
-            embeds = self._rows(image_embeds[_pad_rows(image_index[start:stop], rows)], rows)
-            logits = self._itm_logits(self.config, self.params, embeds, self._rows(ids, rows), self._rows(mask, rows))
-            out.append(np.asarray(logits)[: stop - start])
-        return np.concatenate(out)
+        """ITM logits [N, 2] of (image_embeds[image_index[i]], texts[i]) pairs.
+
+        Pairs of one image run together, `group` rows to a slot that holds the image once: the
+        cross-attention keys and values of its tokens (most of an ITM pass's work) are computed
+        once per slot, not once per pair (`layers.attend` shares them across the slot's rows)."""
+        image_index = np.asarray(image_index)
+        group = _shared_rows(image_index, self.batch_size)
+        slot_image, slot_pairs = _slots(image_index, group)
+        out = np.zeros((len(texts), 2), np.float32)
+        for start, stop, slots in self._chunks(len(slot_image), size=max(1, self.batch_size // group)):
+            pairs = slot_pairs[start:stop].ravel()
+            real = pairs >= 0
+            ids, mask = self._tokenize([texts[p] if p >= 0 else "" for p in pairs])
+            embeds = self._rows(image_embeds[_pad_rows(slot_image[start:stop], slots)], slots)
+            logits = self._itm_logits(self.config, self.params, embeds, self._rows(ids, slots * group),
+                                      self._rows(mask, slots * group))
+            out[pairs[real]] = np.asarray(logits)[: len(pairs)][real]
+        return out
 
     def vqa_rank(self, images, questions, answer_list: Sequence[str], k: int = 128) -> list[str]:
         """BLIP's rank-mode VQA (LAVIS `_rank_answers`): the answer decoder's first-token probability

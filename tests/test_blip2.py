@@ -217,6 +217,21 @@ def test_retrieval_itm_itc(tiny):
         model.caption(images)
 
 
+def test_itm_pairs_sharing_an_image(tiny):
+    """Several texts of one image share its slot (Q-Former cross-attention keys/values once per
+    image); equal to transformers pair by pair."""
+    src, model, hf = tiny("retrieval")
+    images = sample_images(2)
+    image_index = np.array([1, 0, 1, 1, 0, 1])
+    texts = ["a dog sitting on the grass", "two cats", "a red car", "a dog", "the grass", "two cats on a bed"]
+    pixels = torch.as_tensor(model.preprocess([images[i] for i in image_index]).transpose(0, 3, 1, 2).copy())
+    enc = transformers.AutoTokenizer.from_pretrained(src)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        itm = hf(pixel_values=pixels, **enc, use_image_text_matching_head=True).logits_per_image
+    ours = model.match_logits(model.image_embeddings(images), image_index, texts)
+    np.testing.assert_allclose(ours, itm[:, 1].numpy(), atol=1e-5)
+
+
 def test_llm_model_refuses_retrieval(tiny):
     _, model, _ = tiny("opt")
     with pytest.raises(blip_jax.api.UnsupportedTaskError):

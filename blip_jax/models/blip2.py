@@ -156,7 +156,8 @@ class Blip2(nn.Module):
                       causal_text: bool = False):
         """Q-Former over the learned queries (followed by `text_ids` when given: InstructBLIP's
         instruction, or ITM/ITG text) -> hidden states [B, Q (+T), D]."""
-        batch = image_embeds.shape[0]
+        # several text rows may share one image row (`layers.attend` groups them), so the text decides
+        batch = image_embeds.shape[0] if text_ids is None else text_ids.shape[0]
         queries = jnp.broadcast_to(self.query_tokens, (batch,) + self.query_tokens.shape[1:])
         text = None if text_ids is None else self._text_embeds(text_ids)
         hidden, _ = self.qformer(queries, image_embeds, text_embeds=text, text_mask=text_mask,
