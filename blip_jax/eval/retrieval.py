@@ -76,15 +76,25 @@ def evaluate(model, cfg, workdir, *, progress: bool = True) -> dict:
         logits = model.match_logits(images["embeds"], index, [texts[j] for j in topk_txt[a:b].ravel()])
         return {"itm": logits.reshape(b - a, k_txt)}
 
+    # text -> image pairs run grouped by image (each image with every text whose top k holds it), so
+    # the model computes an image's cross-attention keys/values once for all its pairs
+    pair_image = topk_img.ravel()
+    by_image = np.argsort(pair_image, kind="stable")
+    bounds = np.searchsorted(pair_image[by_image], np.arange(len(records) + 1))
+
     def itm_t2i(a, b):
-        logits = model.match_logits(images["embeds"], topk_img[a:b].ravel(),
-                                    [texts[t] for t in range(a, b) for _ in range(k_img)])
-        return {"itm": logits.reshape(b - a, k_img)}
+        pairs = by_image[bounds[a]:bounds[b]]
+        logits = model.match_logits(images["embeds"], pair_image[pairs], [texts[p // k_img] for p in pairs])
+        return {"pair": pairs, "itm": logits}
 
     i2t = runner.run_sharded(workdir, "itm_i2t", len(records), itm_i2t, shard_size=queries, progress=progress)
-    t2i = runner.run_sharded(workdir, "itm_t2i", len(texts), itm_t2i, shard_size=queries, progress=progress)
+    images_per_shard = max(1, cfg.itm_shard_pairs * len(records) // max(1, len(pair_image)))
+    t2i = runner.run_sharded(workdir, "itm_t2i_by_image", len(records), itm_t2i, shard_size=images_per_shard,
+                             progress=progress)
+    t2i_itm = np.empty(len(pair_image), np.float32)
+    t2i_itm[t2i["pair"]] = t2i["itm"]
     score_i2t = rerank(sim, i2t["itm"], topk_txt)
-    score_t2i = rerank(sim.T.copy(), t2i["itm"], topk_img)
+    score_t2i = rerank(sim.T.copy(), t2i_itm.reshape(len(texts), k_img), topk_img)
 
     ok = images["ok"].astype(bool)  # unreadable images and their captions are left out, and reported
     keep_txt = ok[txt2img]
