@@ -141,12 +141,12 @@ MAX_SHARED_ROWS = 16  # ITM pairs of one image sharing its cross-attention keys 
 
 
 def _shared_rows(image_index: np.ndarray, batch_size: int) -> int:
-    """Rows per image slot: a power of two up to the median number of pairs per image (padding a
-    slot wastes at most this many rows), at most MAX_SHARED_ROWS and the batch size."""
+    """Rows per image slot: the median number of pairs per image (so most images fill their slots),
+    at most MAX_SHARED_ROWS and the batch size."""
     if not len(image_index):
         return 1
     median = int(np.median(np.unique(image_index, return_counts=True)[1]))
-    return min(1 << (median.bit_length() - 1), MAX_SHARED_ROWS, _bucket(batch_size))
+    return max(1, min(median, MAX_SHARED_ROWS, batch_size))
 
 
 def _slots(image_index: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
