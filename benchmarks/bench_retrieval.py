@@ -19,15 +19,19 @@ captions). Both sides then run the whole retrieval evaluation, float32:
                  topk(k) of every row of sim and of sim.T.
   itm_i2t   For each image its top-k texts by sim. JAX: `model.match_logits` in shards of
                  `itm_shard_pairs // k` queries, then `rerank` (ITM logit + sim at the top-k,
-                 -100 elsewhere). PyTorch: text_encoder(ids, encoder_hidden_states=the image's
-                 ViT tokens) -> itm_head(CLS)[:, 1] (= `use_itm_head=True` logits[:, 1]) in batches
-                 of --batch-size pairs; score + topk_sim scattered into a -100 matrix.
-  itm_t2i   The same for each text's top-k images.
+                 -100 elsewhere); the pairs of one image share slots that hold its tokens once
+                 (their cross-attention keys/values computed once per slot). PyTorch (LAVIS):
+                 text_encoder(ids, encoder_hidden_states=the image's ViT tokens) ->
+                 itm_head(CLS)[:, 1] (= `use_itm_head=True` logits[:, 1]) in batches of
+                 --batch-size pairs, every pair with its own copy of the image; score + topk_sim
+                 scattered into a -100 matrix.
+  itm_t2i   The same for each text's top-k images; JAX runs these pairs by image as the eval job
+                 (`pairs_by_image`), a block's share of the images per PyTorch block of texts.
 
 Each phase is cut into blocks that the two sides run in turn (JAX block, PyTorch block, next block):
 images in batches, texts in 256-text shards, ITM in blocks of about --interleave-pairs pairs (whole
 batches; for JAX a smaller shard of the eval job's, the same batches), so that a change of machine
-load during the run hits both sides alike.
+load during the run hits both sides alike. JAX is warmed up by one untimed run of the whole procedure.
 
 ITM forward passes: n_img * k + n_txt * k (k capped at the candidates), e.g. the paper's COCO 5k
 test (5000 images, 25010 captions, k = 256) has 7.68 M; the measured counts are reported. Both sides
@@ -251,7 +255,7 @@ def main(argv=None) -> dict:
     import transformers
 
     import blip_jax
-    from blip_jax.eval.retrieval import rerank, texts_of
+    from blip_jax.eval.retrieval import pairs_by_image, rerank, texts_of
     from blip_jax.eval.retrieval_metrics import FILL_VALUE, recall_at_k, topk_candidates
 
     sizes = SMALL if args.small else BASE
@@ -329,6 +333,7 @@ def main(argv=None) -> dict:
         sim = model.similarity(st["img_feats"], st["txt_feats"]).astype(np.float32)
         st["sim"] = sim
         st["topk_txt"], st["topk_img"] = topk_candidates(sim, k_txt)[0], topk_candidates(sim.T, k_img)[0]
+        st["t2i_pairs"] = pairs_by_image(st["topk_img"], n_img)
 
     def jax_i2t_step(st, a, b):
         index = np.repeat(np.arange(a, b), k_txt)
@@ -340,13 +345,17 @@ def main(argv=None) -> dict:
         st["itm_i2t"] = np.concatenate(st.pop("i2t_parts"))
         st["score_i2t"] = rerank(st["sim"], st["itm_i2t"], st["topk_txt"])
 
-    def jax_t2i_step(st, a, b):
-        st.setdefault("t2i_parts", []).append(
-            model.match_logits(st["embeds"], st["topk_img"][a:b].ravel(),
-                               [texts[t] for t in range(a, b) for _ in range(k_img)]).reshape(b - a, k_img))
+    def jax_t2i_step(st, a, b):  # the eval job runs these pairs by image: block [a, b) of texts
+        pair_image, order, bounds = st["t2i_pairs"]  # -> the same share of the images
+        pairs = order[bounds[a * n_img // n_txt]:bounds[b * n_img // n_txt]]
+        logits = model.match_logits(st["embeds"], pair_image[pairs], [texts[p // k_img] for p in pairs])
+        st.setdefault("t2i_parts", []).append((pairs, logits))
 
     def jax_t2i_finish(st):
-        st["itm_t2i"] = np.concatenate(st.pop("t2i_parts"))
+        itm = np.empty(n_txt * k_img, np.float32)
+        for pairs, logits in st.pop("t2i_parts"):
+            itm[pairs] = logits
+        st["itm_t2i"] = itm.reshape(n_txt, k_img)
         st["score_t2i"] = rerank(st["sim"].T.copy(), st["itm_t2i"], st["topk_img"])
 
     # PyTorch: LAVIS compute_sim_matrix
@@ -445,23 +454,16 @@ def main(argv=None) -> dict:
         return spent
 
     # ------------------------------------------------------------------ warm-up (untimed)
-    # JAX: the image phase once, and the text and ITM functions at every row count the run uses
-    # (texts are all 16 tokens wide)
+    # JAX: the whole procedure once, so every batch shape the timed run meets is compiled (ITM
+    # batches take their shapes from how the pairs fall into image slots)
     t0 = time.perf_counter()
     c0 = watch.snapshot()
     longest = max(texts, key=lambda t: len(t.split()))
     image_rows = sorted(set(chunk_rows(model, n_img, bs)))
     text_rows = sorted(set(chunk_rows(model, n_txt, SHARD)))
-    itm_chunks = (chunk_rows(model, n_img * k_txt, block_q["i2t"] * k_txt)
-                  + chunk_rows(model, n_txt * k_img, block_q["t2i"] * k_img))
-    itm_rows = sorted(set(itm_chunks))
     warm = {"jax": {}}
-    run_phase("images", warm, sides=("jax",))  # also compiles its on-device concatenations and slices
-    e = warm["jax"]["embeds"]
-    for r in text_rows:
-        model.text_features([longest] * r)
-    for r in itm_rows:
-        model.match_logits(e, np.zeros(r, np.int64), [longest] * r)
+    for ph in PHASES:
+        run_phase(ph, warm, sides=("jax",))
     jax_warmup_s = time.perf_counter() - t0
     c1 = watch.snapshot()
     # PyTorch: one batch of each piece
@@ -474,7 +476,7 @@ def main(argv=None) -> dict:
         torch_itm(e_t, enc["input_ids"], enc["attention_mask"], torch.zeros(bs, dtype=torch.long), torch.arange(bs))
     torch_warmup_s = time.perf_counter() - t0
     print(f"warm-up: JAX {jax_warmup_s:.1f} s ({c1[0] - c0[0]} compilations, {c1[1] - c0[1]:.1f} s backend "
-          f"compile; row counts images {image_rows}, texts {text_rows}, ITM {itm_rows}), "
+          f"compile; row counts images {image_rows}, texts {text_rows}), "
           f"PyTorch {torch_warmup_s:.1f} s; blocks per phase {({ph: len(b) for ph, b in phase_blocks.items()})}",
           flush=True)
 
@@ -528,8 +530,7 @@ def main(argv=None) -> dict:
     total = {side: sum(med[side].values()) for side in med}
     ratio = total["torch"] / total["jax"]
     itm_pairs = dict(i2t=n_img * k_txt, t2i=n_txt * k_img)
-    jax_rows_itm = sum(itm_chunks)
-    measured = dict(jax_pairs=int(js["itm_i2t"].size + js["itm_t2i"].size), jax_rows_incl_padding=int(jax_rows_itm),
+    measured = dict(jax_pairs=int(js["itm_i2t"].size + js["itm_t2i"].size),
                     torch_pairs=int(ts["itm_i2t"].size + ts["itm_t2i"].size))
     n_itm = itm_pairs["i2t"] + itm_pairs["t2i"]
     print()
@@ -537,8 +538,8 @@ def main(argv=None) -> dict:
     for ph in PHASES:
         print(f"{ph:<10} {med['jax'][ph]:>11.2f} {med['torch'][ph]:>10.2f} {med['torch'][ph] / med['jax'][ph]:>8.2f}x")
     print(f"{'total':<10} {total['jax']:>11.2f} {total['torch']:>10.2f} {ratio:>8.2f}x")
-    print(f"ITM forward passes: {n_img} x {k_txt} + {n_txt} x {k_img} = {n_itm} (measured: JAX {measured['jax_pairs']} "
-          f"pairs in {measured['jax_rows_incl_padding']} padded rows, PyTorch {measured['torch_pairs']})")
+    print(f"ITM pairs: {n_img} x {k_txt} + {n_txt} x {k_img} = {n_itm} (measured: JAX {measured['jax_pairs']}, "
+          f"PyTorch {measured['torch_pairs']})")
     print(f"agreement: recall equal {recall_equal} (JAX r_mean {metrics['jax']['r_mean']:.4f}, PyTorch "
           f"{metrics['torch']['r_mean']:.4f}); max |score diff| {max_score_diff:.2e}, |sim diff| {diffs['sim']:.2e}; "
           f"same top-k sets {same_topk['txt']}/{n_img} images, {same_topk['img']}/{n_txt} texts; PyTorch ITM path vs "
@@ -590,7 +591,7 @@ def main(argv=None) -> dict:
                        torch_itm_vs_model_forward_abs_diff=forward_diff),
         metrics=metrics,
         warmup=dict(jax_s=jax_warmup_s, jax_compilations=c1[0] - c0[0], jax_backend_compile_s=c1[1] - c0[1],
-                    torch_s=torch_warmup_s, row_counts=dict(images=image_rows, texts=text_rows, itm=itm_rows)),
+                    torch_s=torch_warmup_s, row_counts=dict(images=image_rows, texts=text_rows)),
         jax_compilations_in_timed_runs=timed_compiles,
         extrapolation_paper_setting=extrapolation,
         versions=dict(jax=jax.__version__, jaxlib=jaxlib_version(), torch=torch.__version__,

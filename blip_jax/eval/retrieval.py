@@ -48,6 +48,15 @@ def rerank(sim: np.ndarray, itm: np.ndarray, topk: np.ndarray) -> np.ndarray:
     return scatter_topk_scores(sim.shape[1], topk, itm + np.take_along_axis(sim, topk, axis=1))
 
 
+def pairs_by_image(topk_img: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Text -> image ITM pairs (pair p = text p // k, image topk_img.ravel()[p]) grouped by image:
+    (image of each pair, pairs ordered by image, bounds: image i's pairs are order[bounds[i]:bounds[i+1]]).
+    Run by image, an image's cross-attention keys/values are computed once for all its pairs."""
+    pair_image = topk_img.ravel()
+    order = np.argsort(pair_image, kind="stable")
+    return pair_image, order, np.searchsorted(pair_image[order], np.arange(n_images + 1))
+
+
 def evaluate(model, cfg, workdir, *, progress: bool = True) -> dict:
     start_time = time.time()
     records = load_records(cfg.data)
@@ -76,11 +85,7 @@ def evaluate(model, cfg, workdir, *, progress: bool = True) -> dict:
         logits = model.match_logits(images["embeds"], index, [texts[j] for j in topk_txt[a:b].ravel()])
         return {"itm": logits.reshape(b - a, k_txt)}
 
-    # text -> image pairs run grouped by image (each image with every text whose top k holds it), so
-    # the model computes an image's cross-attention keys/values once for all its pairs
-    pair_image = topk_img.ravel()
-    by_image = np.argsort(pair_image, kind="stable")
-    bounds = np.searchsorted(pair_image[by_image], np.arange(len(records) + 1))
+    pair_image, by_image, bounds = pairs_by_image(topk_img, len(records))
 
     def itm_t2i(a, b):
         pairs = by_image[bounds[a]:bounds[b]]
