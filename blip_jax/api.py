@@ -330,7 +330,8 @@ class BlipModel:
         group = _shared_rows(image_index, self.batch_size)
         slot_image, slot_pairs = _slots(image_index, group)
         out = np.zeros((len(texts), 2), np.float32)
-        for start, stop, slots in self._chunks(len(slot_image), size=max(1, self.batch_size // group)):
+        per_batch = 1 << ((self.batch_size // group).bit_length() - 1)  # group <= batch size
+        for start, stop, slots in self._chunks(len(slot_image), size=per_batch):  # whole power-of-two batches
             pairs = slot_pairs[start:stop].ravel()
             real = pairs >= 0
             ids, mask = self._tokenize([texts[p] if p >= 0 else "" for p in pairs])
