@@ -438,3 +438,33 @@ def test_pretraining_lr_schedule_follows_blip():
     assert math.isclose(blip_lr(5000), 1e-6)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         optim.schedule(ml_collections.ConfigDict({**cfg.to_dict(), "steps_per_epoch": 0}))
+
+
+def test_vqa_records_become_weighted_answer_rows(tmp_path):
+    """LAVIS VQA annotations -> the VQA objective's rows: distinct answers with their shares of the
+    annotators (BLIP's VG QA: 0.2 each), heaviest first, at most `max_answers`, padding weighs 0."""
+    from PIL import Image
+
+    from blip_jax.config_files import load_config
+    from blip_jax.train import inputs
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "a.png")
+    entries = [{"image": "a.png", "question": "What color is the  circle?", "question_id": 1,
+                "answer": ["red", "red", "blue", "red", "green"]},
+               {"image": "a.png", "question": "is there a circle?", "question_id": 2, "answer": "yes",
+                "dataset": "vg"}]
+    (tmp_path / "vqa.json").write_text(json.dumps(entries))
+    cfg = load_config(ROOT / "configs/blip_vqa.py", "tiny")
+    cfg.data.update(kind="json", path=str(tmp_path / "vqa.json"), image_root=str(tmp_path), max_answers=2)
+    task = inputs.make_task(cfg, cfg.model.vision.image_size, False)
+    rows = task.eval_batch([task.records[i] for i in range(len(task.records))])
+    np.testing.assert_allclose(rows["answer_weights"], [[0.6, 0.2], [0.2, 0.0]])  # "green" (0.2) cut by max_answers
+    tok = task.qformer_tokenizer
+    for row, text in ((rows["answer_ids"][0, 0], "red"), (rows["answer_ids"][0, 1], "blue"),
+                      (rows["answer_ids"][1, 0], "yes"), (rows["question_ids"][0], "what color is the circle?")):
+        ids = tok.encode(text)  # [CLS] text [SEP]; the question cleaned as LAVIS's pre_question
+        np.testing.assert_array_equal(row[: len(ids)], ids)
+        assert (row[len(ids):] == tok.pad_token_id).all()
+    assert rows["answer_mask"][1, 1].sum() == 0
+    shapes = inputs.batch_shapes(cfg, cfg.model.vision.image_size, False)
+    assert {k: v.shape[1:] for k, v in shapes.items()} == {k: v.shape[1:] for k, v in rows.items()}

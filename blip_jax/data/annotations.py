@@ -20,7 +20,7 @@ Layouts (`layout="auto"` picks from the file's shape):
 Every layout becomes the raw records of `records.py`. With `expand_captions=True` (training)
 there is one record per caption; otherwise an image's captions stay together under "captions"
 (evaluation). VQA answers carry LAVIS's weights: each distinct answer weighs its share of the
-annotators' answers. Entries without an image or without any text are counted as
+annotators' answers (entries of `"dataset": "vg"`, BLIP's Visual Genome QA, 0.2 each). Entries without an image or without any text are counted as
 "malformed_json" in `skipped` and left out; image files are only opened in the pipeline.
 """
 
@@ -56,6 +56,9 @@ def detect_layout(path: Path, data) -> str:
         if isinstance(first, dict) and "imageId" in first:
             return "gqa"
     raise ValueError(f"cannot tell the annotation layout of {path}; pass layout= one of {', '.join(LAYOUTS)}")
+
+
+VG_ANSWER_WEIGHT = 0.2  # BLIP's vqa_dataset: a Visual Genome QA answer's weight in the VQA loss
 
 
 def _text_list(value) -> list:
@@ -102,6 +105,8 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
         answers = entry.get("answer", entry.get("answers", entry.get("direct_answers")))
         if answers is not None:
             record["answers"], record["answer_weights"] = _answers(answers)
+            if entry.get("dataset") == "vg":  # BLIP weighs Visual Genome QA answers 0.2 each
+                record["answer_weights"] = [VG_ANSWER_WEIGHT] * len(record["answers"])
             # every annotator's answer, repeats kept: what VQA accuracy counts agreement over
             record["all_answers"] = [a.get("answer") if isinstance(a, dict) else a for a in _text_list(answers)]
         return [record]

@@ -17,12 +17,12 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from blip_jax import checkpoint
+from blip_jax.models import transfer
 from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
 from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 from blip_jax.models.llm import FAMILIES
 from blip_jax.models.qformer import QFormerConfig
-from blip_jax.models import transfer
 from blip_jax.models.tying import untie
 from blip_jax.train import objectives, partition, sharding
 
