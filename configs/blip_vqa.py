@@ -24,6 +24,6 @@ def get_config(arg: str = "tiny"):
         c.data.update(mixture={
             "vqa_train": dict(defaults.source_defaults(), kind="json", path="vqa_train.json", image_root="coco/images"),
             "vqa_val": dict(defaults.source_defaults(), kind="json", path="vqa_val.json", image_root="coco/images"),
-        }, balance="size")  # Visual Genome QA (LAVIS vg_qa) can be added as a third entry
+        }, balance="size")  # + BLIP's vg_qa.json as a third entry: its "dataset": "vg" answers weigh 0.2
         return c
     raise ValueError(f"unknown preset {arg!r}: tiny, vqav2")
