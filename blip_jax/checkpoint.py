@@ -170,7 +170,7 @@ def load(directory: str | Path, scan_layers: bool | None = None):
 
     from blip_jax.models import blip, blip2
     from blip_jax.models.layout import stack_layers, unstack_layers
-    from blip_jax.models.tying import tie, untie
+    from blip_jax.models.tying import applied_form, stored_form
 
     config = read_config(directory)
     param_shapes = blip.param_shapes if isinstance(config, BlipConfig) else blip2.param_shapes
@@ -178,11 +178,8 @@ def load(directory: str | Path, scan_layers: bool | None = None):
         if scan_layers is not None and scan_layers != config.scan_layers:
             raise ValueError(f"{directory} stores scan_layers={config.scan_layers}; convert again to change the "
                              "layout of a BLIP-2 model")
-    tied = isinstance(config, BlipConfig) and config.architecture == "pretrain"  # stores its decoder once
-    target = untie(param_shapes(config)) if tied else param_shapes(config)
-    try:
-        params = restore_params(directory, target)
-        params = tie(params) if tied else params
+    try:  # BLIP's pre-training model stores its tied decoder once
+        params = applied_form(config, restore_params(directory, stored_form(config, param_shapes(config))))
     except Exception as e:  # orbax's errors on a tree mismatch are long; say what it means first
         raise ValueError(f"{directory}: the stored parameters do not match {CONFIG} "
                          f"({config.architecture}, scan_layers={config.scan_layers}): {e}") from e

@@ -13,8 +13,6 @@ VQAV2_QUESTIONS = 443_757 + 214_354  # LAVIS's vqa_train.json + vqa_val.json
 
 def get_config(arg: str = "tiny"):
     c = defaults.blip_base("blip_vqa")
-    c.optim.lr = 2e-5
-    c.model.vision.image_size = 480
     if arg == "tiny":
         c = defaults.blip_tiny(c)
         c.data.update(max_answers=2, max_answer_len=6)

@@ -64,6 +64,12 @@ while [[ ${#remaining[@]} -gt 0 ]]; do
   wait -n -p done_pid "${remaining[@]}"
   rc=$?
   set -e
+  if [[ -z "${done_pid:-}" ]]; then  # `wait` leaves it unset when no listed job is left
+    # bash already reaped what was left (processes stopped after a failure can leave its job table
+    # before `wait` asks): nothing more to wait for
+    [[ $status -eq 0 ]] && status=$rc
+    break
+  fi
   next=()
   for pid in "${remaining[@]}"; do [[ "$pid" != "$done_pid" ]] && next+=("$pid"); done
   remaining=("${next[@]+"${next[@]}"}")

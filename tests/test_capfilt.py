@@ -103,12 +103,7 @@ def _overrides(data: Path, converted) -> dict:
 
 def _cfg(overrides: dict):
     cfg = _config("tiny")
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

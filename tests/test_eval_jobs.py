@@ -26,12 +26,7 @@ def _config(task: str, overrides: dict):
     name = {"retrieval_blip2": "retrieval"}.get(task, task)
     preset = {"retrieval": "coco", "caption": "coco", "vqa": "vqav2", "choice": "aokvqa"}.get(name)
     cfg = load_config(ROOT / "configs" / "eval" / f"{name}.py", preset)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

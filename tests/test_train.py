@@ -45,22 +45,14 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 
 def _config(preset: str, init_from: str | None = None, **overrides):
     """`configs/<preset>.py:tiny` without config_flags, with dotted overrides."""
-    import importlib.util
+    from blip_jax.config_files import load_config
 
-    spec = importlib.util.spec_from_file_location(f"train_config_{preset}", ROOT / "configs" / f"{preset}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = load_config(ROOT / "configs" / f"{preset}.py", "tiny")
     if "report" in cfg:  # the end-of-run evaluation: not what these tests measure
         cfg.report = False
     if init_from:
         cfg.model.init_from = init_from
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

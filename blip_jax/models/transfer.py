@@ -29,19 +29,18 @@ def resize_positions(pos, grid: int) -> np.ndarray:
     return np.concatenate([pos[:, :1], patches.reshape(1, grid * grid, -1)], axis=1)
 
 
-def transfer(source: dict, target_shapes: dict) -> tuple[dict, list[str], list[str]]:
+def transfer(source: dict, target_shapes: dict) -> tuple[dict, list[str]]:
     """Source parameters (a full tree: a tied decoder given whole) -> the target's tree.
 
     target_shapes: the target's parameters as ShapeDtypeStructs (in its stored form). Returns
-    (flat '/'-path -> array of every target parameter the source has, target paths the source lacks,
-    top-level modules of the source the target has no use for). A parameter present in both with
+    (flat '/'-path -> array of every target parameter the source has, top-level modules of the
+    source the target has no use for); the target's other parameters are the caller's to initialise. A parameter present in both with
     another shape is an error, except the ViT positions, which are resized."""
     flat_src = traverse_util.flatten_dict(source, sep="/")
     flat_target = traverse_util.flatten_dict(target_shapes, sep="/")
-    out, missing = {}, []
+    out = {}
     for path, want in flat_target.items():
         if path not in flat_src:
-            missing.append(path)
             continue
         value = flat_src[path]
         if tuple(value.shape) != tuple(want.shape):
@@ -51,4 +50,4 @@ def transfer(source: dict, target_shapes: dict) -> tuple[dict, list[str], list[s
             value = resize_positions(value, int(round((want.shape[1] - 1) ** 0.5)))
         out[path] = np.asarray(value).astype(want.dtype)
     unused = sorted({p.split("/")[0] for p in flat_src} - {p.split("/")[0] for p in flat_target})
-    return out, sorted(missing), unused
+    return out, unused

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from blip_jax.losses import IGNORE, cross_entropy, sequence_cross_entropy
 from blip_jax.models.blip import Blip
-from blip_jax.models.tying import tie
+from blip_jax.models.tying import applied_form
 
 TEMP_RANGE = (0.001, 0.5)
 MOMENTUM_KEYS = ("vision", "text_encoder", "vision_proj", "text_proj")  # BLIP's model_pairs
@@ -109,7 +109,7 @@ def hard_negatives(key, sim, excluded):
 
 def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm: bool, by_image: bool):
     """ITC with momentum distillation and queues + ITM with hard negatives (+ LM); see the module doc."""
-    full = tie(params)
+    full = applied_form(model.config, params)
     v = {"params": full}
     r_drop, r_neg = jax.random.split(rng)
 
@@ -182,7 +182,7 @@ def retrieval(model, params, batch, rng, cfg, extra):
 
 def caption(model, params, batch, rng, cfg, extra):
     """Caption fine-tuning: the LM loss after the prompt (`cfg.prompt_length` tokens incl. [DEC])."""
-    v = {"params": tie(params)}
+    v = {"params": applied_form(model.config, params)}
 
     def apply(method, *args, **kwargs):
         return model.apply(v, *args, method=method, rngs={"dropout": rng}, **kwargs)

@@ -14,7 +14,7 @@ from blip_jax.data.synthetic import SyntheticShapes
 from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2
 from blip_jax.models.config import BlipConfig
-from blip_jax.models.tying import tie
+from blip_jax.models.tying import applied_form
 from blip_jax.train import partition
 
 HELD_OUT_SEED = 10_007  # the training source's seed is cfg.data.seed; this one is never trained on
@@ -71,7 +71,7 @@ def report(cfg, st, task, n: int = 32, shown: int = 4) -> dict:
     batch = task.eval_batch(records)
     if isinstance(st.config, BlipConfig):
         if st.config.architecture == "pretrain":
-            return _blip_report(st, tie(params), batch, records)
+            return _blip_report(st, applied_form(st.config, params), batch, records)
         return _blip_generation_report(cfg, st, params, task, records, shown)
     model = Blip2(st.config)
     v = {"params": params}

@@ -16,10 +16,11 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
 
 # logical axis -> mesh axes; the first rule that names an unused mesh axis applies (flax's semantics)
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -81,7 +82,12 @@ def divisible(sh: NamedSharding, shape: Sequence[int]) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch-major arrays: leading axis over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces `batch_sharding` cuts a batch into."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

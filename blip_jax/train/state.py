@@ -23,7 +23,7 @@ from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
 from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 from blip_jax.models.llm import FAMILIES
 from blip_jax.models.qformer import QFormerConfig
-from blip_jax.models.tying import untie
+from blip_jax.models import tying
 from blip_jax.train import objectives, partition, sharding
 
 
@@ -127,8 +127,7 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     `init_from`, stored parameters are restored into their shardings and only the others initialised:
     init runs under jit with only those outputs, so the rest is never materialised."""
     model, args, kwargs = model_of(config)
-    # BLIP's pre-training model keeps its tied decoder once (blip_jax.models.tying)
-    stored_form = untie if isinstance(config, BlipConfig) and config.architecture == "pretrain" else (lambda p: p)
+    stored_form = functools.partial(tying.stored_form, config)  # BLIP pre-training: the tied decoder once
     boxed = stored_form(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"])
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = nn.unbox(boxed)
@@ -161,7 +160,7 @@ def _transferred(init_from: str, config: BlipConfig, abstract: dict, flat_sh: di
     """A BLIP checkpoint's parameters moved to `config`'s architecture and resolution
     (`blip_jax.models.transfer`), placed in their shardings; BLIP is small enough to read whole."""
     _, source = checkpoint.load(init_from, scan_layers=config.scan_layers)
-    flat, _, unused = transfer.transfer(source, abstract)
+    flat, unused = transfer.transfer(source, abstract)
     if unused:
         logging.info("%s: not used by the %s model: %s", init_from, config.architecture, unused)
     return {p: jax.make_array_from_callback(v.shape, flat_sh[p], lambda index, v=v: v[index]) for p, v in flat.items()}

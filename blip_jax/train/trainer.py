@@ -169,7 +169,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     vocab = task.vocab()
     if cfg.objective == "stage1" or cfg.objective in objectives.BLIP:
         cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]  # ITG's / LM's first token, [DEC]
-    cfg.loss.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's shards (sharding.batch_sharding)
+    cfg.loss.batch_shards = sharding.batch_shards(mesh)  # ITM negatives per device need it
     if cfg.objective == "blip_caption":  # [DEC] + the prompt's tokens are not targets
         cfg.loss.prompt_length = len(task.qformer_tokenizer.encode(cfg.data.prompt)) - 1
     st = state_lib.create(cfg, mesh, optimizer, vocab)
