@@ -351,11 +351,11 @@ def main(argv=None) -> dict:
         side = jax_sides[best]
         st, jb = side["st"], side["batch"]
         model, cfg = st.model, side["cfg"]
-        objective = objectives.OBJECTIVES[cfg.objective]
+        objective = objectives.stage_of(cfg).loss
         key = jax.random.PRNGKey(0)
 
         def loss_of(trainable, frozen, batch):
-            return objective(model, partition.merge(trainable, frozen), batch, key, cfg.loss)[0]
+            return objective(model, partition.merge(trainable, frozen), batch, key, cfg.loss, {})[0]
 
         j_vision = jax.jit(lambda tr, fr, px: model.apply({"params": partition.merge(tr, fr)}, px,
                                                           method=Blip2.encode_image))

@@ -500,10 +500,13 @@ def main(argv: list[str]) -> int:
 
     argv = ["blip-jax capfilt"] + list(argv)
     values = _flags(argv)  # overrides (--config.x=v) are read from argv, not sys.argv
-    values(argv)
+    usage = ("blip-jax capfilt --config=configs/capfilt.py:<tiny|coco|web|blip2> --workdir=DIR "
+             "[--config.captioner=DIR --config.filter=DIR --config.data.path=...]")
+    stop = processes.parse(values, argv, usage, __doc__)
+    if stop is not None:
+        return stop
     if values.config is None or values.workdir is None:
-        print("usage: blip-jax capfilt --config=configs/capfilt.py:<tiny|coco|web|blip2> --workdir=DIR "
-              "[--config.captioner=DIR --config.filter=DIR --config.data.path=...]", file=sys.stderr)
+        print(f"usage: {usage}", file=sys.stderr)
         return 2
     import jax
 

@@ -31,6 +31,7 @@ CONFIG = "config.json"
 PARAMS = "params"
 PARTS = "parts.json"
 PART_BYTES = 256 << 20  # one Orbax checkpoint per ~256 MB of parameters: bounds conversion memory
+TRAINED_MODEL = "model"  # where a training run exports its model: W/model
 
 
 @contextlib.contextmanager
@@ -148,8 +149,25 @@ def write_config(directory: Path, config) -> None:
     (Path(directory) / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
+def model_dir(path: str | Path) -> Path:
+    """The model directory `path` names: itself, or a training workdir's exported W/model. A
+    workdir whose run has not exported yet is refused with what to do."""
+    path = Path(path)
+    own = path / CONFIG
+    if own.is_file() and "objective" not in json.loads(own.read_text()):  # a training workdir's config has one
+        return path
+    if (path / TRAINED_MODEL / CONFIG).is_file():
+        return path / TRAINED_MODEL
+    if (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{path} is a training workdir with no {TRAINED_MODEL}/ yet (the run has not "
+                                f"finished): rerun its `blip-jax train` command to finish and export it, or pass a "
+                                "model directory")
+    return path
+
+
 def read_config(directory: str | Path) -> BlipConfig:
-    path = Path(directory) / CONFIG
+    directory = model_dir(directory)
+    path = directory / CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a blip-jax model directory (make one with `blip-jax convert`)")
     d = json.loads(path.read_text())
@@ -172,6 +190,7 @@ def load(directory: str | Path, scan_layers: bool | None = None):
     from blip_jax.models.layout import stack_layers, unstack_layers
     from blip_jax.models.tying import applied_form, stored_form
 
+    directory = model_dir(directory)
     config = read_config(directory)
     param_shapes = blip.param_shapes if isinstance(config, BlipConfig) else blip2.param_shapes
     if not isinstance(config, BlipConfig):

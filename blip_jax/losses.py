@@ -1,4 +1,4 @@
-"""Loss functions of the model heads (the trainer of later stages composes them per objective)."""
+"""Loss functions of the model heads, which the training objectives (`blip_jax.train.objectives`) compose."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import jax.numpy as jnp
 
 IGNORE = -100  # label value excluded from the loss, as in PyTorch
 BLIP_LABEL_SMOOTHING = 0.1  # BLIP's text decoder loss (training, and LAVIS's VQA rank scores)
+TEMPERATURE_RANGE = (0.001, 0.5)  # LAVIS clamps the learnable ITC temperature (BLIP and BLIP-2)
+
+
+def clamped_temperature(temp):
+    """The ITC temperature the losses divide by: the learnable one, clamped as LAVIS does."""
+    return jnp.clip(temp, *TEMPERATURE_RANGE)
 
 
 def token_cross_entropy(logits, labels, label_smoothing: float = 0.0):

@@ -3,7 +3,11 @@ share, and the `jax.distributed` start-up they drive. Every process runs the sam
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
+
+HELP_FLAGS = ("--help", "-h", "--helpfull", "-help")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -39,3 +43,18 @@ def job_flags(argv: list[str], config_help: str) -> flags.FlagValues:
                                     sys_argv=argv)
     define_flags(values)
     return values
+
+
+def parse(values: flags.FlagValues, argv: list[str], usage: str, description: str = "") -> int | None:
+    """Parse a job's `argv` (argv[0]: its name) into `values`. Returns an exit status when the
+    command should stop here: 0 after printing the help for --help, 2 after a one-line error for a
+    flag absl rejects; None to go on."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(f"usage: {usage}\n\n{description.strip()}\n\nflags:\n{values.get_help()}")
+        return 0
+    try:
+        values(argv)
+    except flags.Error as e:
+        print(f"{argv[0]}: error: {e}\nusage: {usage}", file=sys.stderr)
+        return 2
+    return None

@@ -9,6 +9,7 @@ from blip_jax.train import defaults
 
 def get_config(arg: str = "tiny"):
     c = defaults.blip_base("blip_pretrain")
+    c.data.update(min_scale=0.2, max_words=30)  # pre-training's crops and caption lengths
     if arg == "tiny":
         return defaults.blip_tiny(c)
     if arg == "base":  # the paper (ViT-B): 20 epochs of 14M images, batch 2880, 224 px

@@ -72,18 +72,9 @@ def _key(path) -> str:
 
 def _setup(cfg, mesh):
     """What `trainer.train` builds before its loop: (state, task, jitted step)."""
-    from blip_jax.train import inputs, optim, trainer
-    from blip_jax.train import state as state_lib
+    from blip_jax.train import trainer
 
-    optimizer = optim.make_optimizer(cfg.optim)
-    draft = state_lib.model_config(cfg)
-    task = inputs.make_task(cfg, draft.vision.image_size, bool(draft.family and draft.family.encoder_decoder))
-    vocab = task.vocab()
-    if cfg.objective == "stage1":
-        cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]
-    st = state_lib.create(cfg, mesh, optimizer, vocab)
-    step = trainer.make_train_step(st.model, optimizer, cfg, mesh, trainer.shardings_of(st.train),
-                                   trainer.shardings_of(st.frozen))
+    st, task, step, _ = trainer.setup(cfg, mesh)
     return st, task, step
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip_jax.train import blip_objectives as bo
+from blip_jax.train.objectives import blip as bo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,11 @@ from absl import flags
 
 from blip_jax import processes
 
+USAGE = "blip-jax eval --config=configs/eval/<task>.py:<preset> --ckpt=DIR --workdir=DIR [--config.field=value ...]"
+
 def _flags(argv: list[str]) -> flags.FlagValues:
     values = processes.job_flags(argv, "eval config file, e.g. configs/eval/retrieval.py:coco")
-    flags.DEFINE_string("ckpt", None, "a blip-jax model directory (made by `blip-jax convert`)", flag_values=values)
+    flags.DEFINE_string("ckpt", None, "a blip-jax model directory (made by `blip-jax convert`), or a training workdir (its model/)", flag_values=values)
     flags.DEFINE_string("workdir", None, "output directory: results.json, predictions.jsonl, gallery.html",
                         flag_values=values)
     flags.DEFINE_bool("progress", True, "progress bars with rate and ETA", flag_values=values)
@@ -48,10 +50,11 @@ def run(cfg, ckpt: str, workdir: str, *, progress: bool = True) -> dict:
 def main(argv: list[str]) -> int:
     argv = ["blip-jax eval"] + list(argv)
     FLAGS = _flags(argv)  # noqa: N806 (absl's name)
-    FLAGS(argv)
+    stop = processes.parse(FLAGS, argv, USAGE, __doc__)
+    if stop is not None:
+        return stop
     if FLAGS.config is None or FLAGS.ckpt is None or FLAGS.workdir is None:
-        print("usage: blip-jax eval --config=configs/eval/<task>.py:<preset> --ckpt=DIR --workdir=DIR",
-              file=sys.stderr)
+        print(f"usage: {USAGE}", file=sys.stderr)
         return 2
     import jax
 

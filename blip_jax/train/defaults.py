@@ -62,7 +62,7 @@ def data_defaults() -> ml_collections.ConfigDict:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.objective = "lm"  # stage1 | lm
+    c.objective = "lm"  # a stage of blip_jax.train.objectives.STAGES
     c.seed = 0
     c.batch_size = 8  # global
     c.grad_accum_steps = 1
@@ -102,26 +102,25 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
-# BLIP's learning rate and image size per objective (the paper: pre-train at 224, fine-tune at 384,
-# VQA at 480, the position table resized when a checkpoint's grid differs)
-BLIP_LR = {"blip_pretrain": 3e-4, "blip_retrieval": 1e-5, "blip_caption": 1e-5, "blip_vqa": 2e-5}
-BLIP_IMAGE_SIZE = {"blip_pretrain": 224, "blip_retrieval": 384, "blip_caption": 384, "blip_vqa": 480}
-
-
 def blip_base(objective: str) -> ml_collections.ConfigDict:
-    """A BLIP training config (ViT-B/16 and BERT-base MED; everything trains), from `base()`."""
+    """A BLIP training config (ViT-B/16 and BERT-base MED; everything trains), from `base()`, at the
+    stage's learning rate and resolution (`blip_jax.train.objectives`); fine-tuning's crop scales
+    (0.5-1) and caption lengths (50 words; pre-training's preset sets its own)."""
+    from blip_jax.train.objectives import STAGES
+
+    stage = STAGES[objective]
     c = base()
     c.objective = objective
     c.trainable = [r".*"]
-    c.optim.update(lr=BLIP_LR[objective], min_lr=1e-6, warmup_steps=3000, b2=0.999, weight_decay=0.05)
+    c.optim.update(lr=stage.lr, min_lr=1e-6, warmup_steps=3000, b2=0.999, weight_decay=0.05)
     c.data.augment = "blip_train"  # RandAugment as BLIP
-    c.data.min_scale = 0.2 if objective == "blip_pretrain" else 0.5  # BLIP's random resized crop scales
-    c.data.max_words = 30 if objective == "blip_pretrain" else 50
+    c.data.min_scale = 0.5  # BLIP's random resized crop scales
+    c.data.max_words = 50
     c.data.max_text_len = 35
     m = c.model
     m.embed_dim = 256
     m.vision = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
-                    image_size=BLIP_IMAGE_SIZE[objective], patch_size=16, layer_norm_eps=1e-6,
+                    image_size=stage.image_size, patch_size=16, layer_norm_eps=1e-6,
                     final_norm=True)
     m.text = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
                   max_position_embeddings=512, layer_norm_eps=1e-12, encoder_hidden_size=768,

@@ -16,6 +16,8 @@ from absl import flags
 
 from blip_jax import processes
 
+USAGE = "blip-jax train --config=configs/<stage>.py:<preset> (--workdir=DIR | --dry_run) [--config.field=value ...]"
+
 def _flags(argv: list[str]) -> flags.FlagValues:
     values = processes.job_flags(argv, "training config file, e.g. configs/blip2_stage1.py:tiny")
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/", flag_values=values)
@@ -27,9 +29,11 @@ def _flags(argv: list[str]) -> flags.FlagValues:
 def main(argv: list[str]) -> int:
     argv = ["blip-jax train"] + list(argv)
     FLAGS = _flags(argv)  # noqa: N806 (absl's name)
-    FLAGS(argv)
+    stop = processes.parse(FLAGS, argv, USAGE, __doc__)
+    if stop is not None:
+        return stop
     if FLAGS.config is None or (FLAGS.workdir is None and not FLAGS.dry_run):
-        print("usage: blip-jax train --config=configs/<stage>.py:<preset> --workdir=DIR", file=sys.stderr)
+        print(f"usage: {USAGE}", file=sys.stderr)
         return 2
     import jax
 

@@ -12,45 +12,29 @@ from __future__ import annotations
 import math
 
 import jax
-from flax import linen as nn
 from flax import traverse_util
 
-from blip_jax.models.blip2 import Blip2, _init_inputs
-from blip_jax.train import inputs, optim, partition, sharding
+from blip_jax.train import inputs, optim, sharding
 from blip_jax.train import state as state_lib
 from blip_jax.train.trainer import make_train_step
 
 
-def _abstract(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def plan(cfg) -> dict:
+    """Compile the train step of `cfg` for its mesh against the abstract train state the trainer
+    fills (`state.abstract`), and report per-device memory and FLOPs."""
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
-    rules = sharding.rules_from_config(cfg.rules)
-    config = state_lib.model_config(cfg)
-    model = Blip2(config)
-    args, kwargs = _init_inputs(config)
-    with nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
-        param_sh = sharding.logical_shardings(boxed, mesh, rules)
-    params = _abstract(nn.unbox(boxed), param_sh)
-    trainable, frozen = partition.split(params, cfg.trainable)
     optimizer = optim.make_optimizer(cfg.optim)
-    opt_shapes = jax.eval_shape(optimizer.init, trainable)
-    opt_state = _abstract(opt_shapes, state_lib.opt_state_shardings(
-        opt_shapes, jax.tree.map(lambda x: x.sharding, trainable), mesh))
-    rep = sharding.replicated(mesh)
-    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
-    train = {"params": trainable, "opt_state": opt_state, "step": scalar("int32"),
-             "rng": scalar("uint32", (2,)), "bad_step": scalar("int32")}
-    encoder_decoder = bool(config.family and config.family.encoder_decoder)
-    batch = inputs.batch_shapes(cfg, config.vision.image_size, encoder_decoder)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh)) for k, v in batch.items()}
-    step = make_train_step(model, optimizer, cfg, mesh, jax.tree.map(lambda x: x.sharding, train),
-                           jax.tree.map(lambda x: x.sharding, frozen))
+    bert, llm = inputs.tokenizers(cfg)
+    inputs.prepare_loss(cfg, mesh, bert, llm)
+    st = state_lib.abstract(cfg, mesh, optimizer, inputs.vocab(bert, llm))
+    encoder_decoder = bool(getattr(st.config, "family", None) and st.config.family.encoder_decoder)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+             for k, v in inputs.batch_shapes(cfg, st.config.vision.image_size, encoder_decoder).items()}
+    step = make_train_step(st.model, optimizer, cfg, mesh, state_lib.shardings_of(st.train),
+                           state_lib.shardings_of(st.frozen))
     with mesh:
-        compiled = step.lower(train, frozen, batch).compile()
+        compiled = step.lower(st.train, st.frozen, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -61,11 +45,13 @@ def plan(cfg) -> dict:
     per_device["peak_estimate"] = round(per_device["argument"] + per_device["output"] + per_device["temp"]
                                         - per_device["alias"], 3)
     return {
+        "objective": cfg.objective,
         "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
         "devices": int(mesh.devices.size),
         "global_batch": int(cfg.batch_size),
-        "parameters": {"trainable": count(trainable), "frozen": count(frozen)},
+        "parameters": {"trainable": count(st.train["params"]), "frozen": count(st.frozen),
+                       "extra_state": count(st.train["extra"])},
         "per_device_gib": per_device,
         "flops_per_step_per_device": float(cost.get("flops", float("nan"))) if cost else None,
-        "trainable_paths_sample": sorted(traverse_util.flatten_dict(trainable, sep="/"))[:3],
+        "trainable_paths_sample": sorted(traverse_util.flatten_dict(st.train["params"], sep="/"))[:3],
     }

@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_jax import generation
-from blip_jax.blip2_api import generate_tokens
 from blip_jax.data.synthetic import SyntheticShapes
 from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2
-from blip_jax.models.config import BlipConfig
 from blip_jax.models.tying import applied_form
 from blip_jax.train import partition
 
 HELD_OUT_SEED = 10_007  # the training source's seed is cfg.data.seed; this one is never trained on
+SHOWN = 4  # examples of generated text in a report
 
 
 def held_out_records(cfg, n: int) -> list[dict]:
@@ -34,8 +33,9 @@ def _retrieval_r1(sim: np.ndarray, records: list[dict]) -> dict:
             "chance": float(np.mean([np.mean(captions == c) for c in captions]))}
 
 
-def _blip_report(st, params, batch, records) -> dict:
-    v = {"params": params}
+def blip_retrieval(cfg, st, task, params, records, batch) -> dict:
+    """BLIP pre-training / retrieval: ITC R@1 of the CLS projections."""
+    v = {"params": applied_form(st.config, params)}
     model = Blip(st.config)
     image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip.encode_image)
     image_feats = np.asarray(model.apply(v, image, method=Blip.image_features))
@@ -44,7 +44,7 @@ def _blip_report(st, params, batch, records) -> dict:
     return _retrieval_r1(image_feats @ text_feats.T, records)
 
 
-def _blip_generation_report(cfg, st, params, task, records, shown: int) -> dict:
+def blip_generation(cfg, st, task, params, records, batch, shown: int = SHOWN) -> dict:
     """BLIP caption / VQA models: greedy captions after the prompt, or greedy answers (exact match)."""
     from blip_jax.api import BlipModel
 
@@ -65,22 +65,24 @@ def _blip_generation_report(cfg, st, params, task, records, shown: int) -> dict:
                                             for c, r in zip(captions, records)]}
 
 
-def report(cfg, st, task, n: int = 32, shown: int = 4) -> dict:
-    params = jax.device_get(partition.merge(st.train["params"], st.frozen))
-    records = held_out_records(cfg, n)
-    batch = task.eval_batch(records)
-    if isinstance(st.config, BlipConfig):
-        if st.config.architecture == "pretrain":
-            return _blip_report(st, applied_form(st.config, params), batch, records)
-        return _blip_generation_report(cfg, st, params, task, records, shown)
+def qformer_retrieval(cfg, st, task, params, records, batch) -> dict:
+    """BLIP-2 stage 1: ITC R@1 of the best-matching query."""
     model = Blip2(st.config)
     v = {"params": params}
     image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip2.encode_image)
-    if cfg.objective == "stage1":
-        sim = np.einsum("iqe,te->itq", np.asarray(model.apply(v, image, method=Blip2.image_features)),
-                        np.asarray(model.apply(v, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]),
-                                               method=Blip2.text_features))).max(-1)
-        return _retrieval_r1(sim, records)
+    sim = np.einsum("iqe,te->itq", np.asarray(model.apply(v, image, method=Blip2.image_features)),
+                    np.asarray(model.apply(v, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]),
+                                           method=Blip2.text_features))).max(-1)
+    return _retrieval_r1(sim, records)
+
+
+def llm_generation(cfg, st, task, params, records, batch, shown: int = SHOWN) -> dict:
+    """BLIP-2 LM stages: greedy text after the soft prompt (and the instruction) beside the reference."""
+    from blip_jax.blip2_api import generate_tokens
+
+    model = Blip2(st.config)
+    v = {"params": params}
+    image = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip2.encode_image)
     q_ids = jnp.asarray(batch["qformer_ids"]) if "qformer_ids" in batch else None
     q_mask = jnp.asarray(batch["qformer_mask"]) if "qformer_mask" in batch else None
     prefix = model.apply(v, image, q_ids, q_mask, method=Blip2.language_prefix)
@@ -97,3 +99,10 @@ def report(cfg, st, task, n: int = 32, shown: int = 4) -> dict:
     return {"held_out": shown, "examples": [{"prompt": p, "generated": o, "reference": ref}
                                             for p, o, ref in zip(prompts, outputs, refs)],
             "exact_match": float(np.mean([o == ref for o, ref in zip(outputs, refs)]))}
+
+
+def report(cfg, st, task, n: int = 32) -> dict:
+    """The stage's report on `n` held-out synthetic records."""
+    params = jax.device_get(partition.merge(st.train["params"], st.frozen))
+    records = held_out_records(cfg, n)
+    return task.stage.report(cfg, st, task, params, records, task.eval_batch(records))

@@ -24,29 +24,32 @@ from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 from blip_jax.models.llm import FAMILIES
 from blip_jax.models.qformer import QFormerConfig
 from blip_jax.models import tying
-from blip_jax.train import objectives, partition, sharding
+from blip_jax.train import partition, sharding
+from blip_jax.train.objectives import Stage, stage_of
 
 
 def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
     """The model config a train config describes: a converted checkpoint's (`model.init_from`) or one
     built from the config's fields (random initialisation, vocabulary sizes and special token ids
-    from `vocab`, the task's tokenizers), with the run's dtypes and layout. BLIP objectives get a
-    `BlipConfig`, the others a `Blip2Config`."""
+    from `vocab`, the task's tokenizers), with the run's dtypes and layout: a `BlipConfig` or a
+    `Blip2Config`, as the stage's model says."""
     m = cfg.model
-    if cfg.objective in objectives.BLIP:
-        return blip_model_config(cfg, vocab)
+    stage = stage_of(cfg)
+    if stage.model == "blip":
+        return blip_model_config(cfg, stage, vocab)
     run = dict(dtype=m.dtype, param_dtype="float32", frozen_param_dtype=m.frozen_dtype, qformer_dtype=m.qformer_dtype,
-               scan_layers=m.scan_layers, remat_policy=m.remat_policy, stage1_heads=cfg.objective == "stage1")
+               scan_layers=m.scan_layers, remat_policy=m.remat_policy, **stage.model_fields)
     if m.init_from:
         base = checkpoint.read_config(m.init_from)
         if not isinstance(base, Blip2Config):
             raise ValueError(f"{m.init_from} is not a BLIP-2 / InstructBLIP model directory")
-        if cfg.objective == "stage1" and base.architecture != "retrieval":
-            raise ValueError("stage 1 trains the retrieval architecture (Q-Former heads); "
+        if stage.architecture and base.architecture != stage.architecture:
+            raise ValueError(f"{stage.name} trains the {stage.architecture} architecture; "
                              f"{m.init_from} is a {base.architecture} model")
         return base.replace(**run)
     vocab = vocab or {}
-    family = FAMILIES.get(m.llm_family) if m.architecture == "generation" else None
+    architecture = stage.architecture or m.architecture
+    family = FAMILIES.get(m.llm_family) if architecture == "generation" else None
     llm = None
     if family:
         fields = {f.name for f in dataclasses.fields(family.config)}
@@ -55,24 +58,18 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
                "decoder_start_token_id": vocab.get("pad_token_id")}
         llm = family.config(**{**m.llm.to_dict(), **{k: v for k, v in ids.items() if k in fields and v is not None}})
     return Blip2Config(
-        architecture=m.architecture, instruct=m.instruct, vision=VisionConfig(**m.vision.to_dict()),
+        architecture=architecture, instruct=m.instruct, vision=VisionConfig(**m.vision.to_dict()),
         qformer=QFormerConfig(**m.qformer.to_dict()), llm_family=m.llm_family if family else "", llm=llm,
         num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
         qformer_vocab_size=vocab.get("qformer_vocab_size", m.qformer_vocab_size),
         qformer_max_positions=m.qformer_max_positions, **run)
 
 
-# the BLIP architecture each objective trains: "pretrain" has every head and the tied decoder
-# (retrieval fine-tuning uses its encoder, heads and temperature); caption and VQA are untied
-BLIP_ARCHITECTURES = {"blip_pretrain": "pretrain", "blip_retrieval": "pretrain", "blip_caption": "caption",
-                      "blip_vqa": "vqa"}
-
-
-def blip_model_config(cfg, vocab: dict | None = None) -> BlipConfig:
-    """BLIP: the objective's architecture; from `model.init_from`, the checkpoint's sizes at the run's
+def blip_model_config(cfg, stage: Stage, vocab: dict | None = None) -> BlipConfig:
+    """BLIP: the stage's architecture; from `model.init_from`, the checkpoint's sizes at the run's
     resolution (`model.vision.image_size`: positions are resized on load)."""
     m = cfg.model
-    architecture = BLIP_ARCHITECTURES[cfg.objective]
+    architecture = stage.architecture
     run = dict(dtype=m.dtype, param_dtype="float32", scan_layers=m.scan_layers, remat_policy=m.remat_policy)
     if m.init_from:
         base = checkpoint.read_config(m.init_from)
@@ -166,32 +163,72 @@ def _transferred(init_from: str, config: BlipConfig, abstract: dict, flat_sh: di
     return {p: jax.make_array_from_callback(v.shape, flat_sh[p], lambda index, v=v: v[index]) for p, v in flat.items()}
 
 
-def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict | None = None) -> ModelState:
+def _abstract(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def abstract(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict | None = None) -> ModelState:
+    """The train state as ShapeDtypeStructs in their shardings, nothing allocated: what `create`
+    fills, what a checkpoint restores into and what the dry run compiles against (one builder, so
+    they cannot drift apart)."""
     config = model_config(cfg, vocab)
+    stage = stage_of(cfg)
+    rules = sharding.rules_from_config(cfg.rules)
+    model, args, kwargs = model_of(config)
+    with nn.logical_axis_rules(rules):
+        boxed = tying.stored_form(config, jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args,
+                                                                            **kwargs))["params"])
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
+    params = _abstract(nn.unbox(boxed), shardings)
+    trainable, frozen = partition.split(params, cfg.trainable)
+    opt_shapes = jax.eval_shape(optimizer.init, trainable)
+    opt_state = _abstract(opt_shapes, opt_state_shardings(opt_shapes, jax.tree.map(lambda x: x.sharding, trainable),
+                                                          mesh))
+    replicated = sharding.replicated(mesh)
+    key = jax.eval_shape(jax.random.PRNGKey, 0)
+    extra = {}
+    if stage.init_extra:  # e.g. BLIP's momentum encoders (sharded like their twins) and queues
+        shapes = jax.eval_shape(lambda p, r: stage.init_extra(p, cfg=cfg.loss, rng=r, batch_size=cfg.batch_size),
+                                params, key)
+        extra = {k: (jax.tree.map(lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), v,
+                                  {n: params[n] for n in v}) if k == "momentum"
+                     else _abstract(v, jax.tree.map(lambda _: replicated, v))) for k, v in shapes.items()}
+    scalar = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)  # noqa: E731
+    train = {"params": trainable, "opt_state": opt_state, "extra": extra,
+             "step": scalar(jax.ShapeDtypeStruct((), jnp.int32)), "rng": scalar(key),
+             "bad_step": scalar(jax.ShapeDtypeStruct((), jnp.int32))}
+    return ModelState(model, config, train, frozen, shardings, mesh)
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict | None = None) -> ModelState:
+    """The train state `abstract` describes, made: parameters restored or initialised in place,
+    optimizer state and the stage's extra state initialised under jit into their shardings."""
+    st = abstract(cfg, mesh, optimizer, vocab)
+    stage = stage_of(cfg)
     rules = sharding.rules_from_config(cfg.rules)
     rng = jax.random.PRNGKey(cfg.seed)
     init_rng, train_rng = jax.random.split(rng)
     with nn.logical_axis_rules(rules):
-        params, shardings, _ = init_params(config, mesh, rules, init_rng, cfg.model.init_from)
+        params, _, _ = init_params(st.config, mesh, rules, init_rng, cfg.model.init_from)
     trainable, frozen = partition.split(params, cfg.trainable)
-    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, trainable), jax.tree.map(lambda x: x.sharding,
-                                                                                          trainable), mesh)
     with mesh:
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(st.train["opt_state"]))(trainable)
+    extra = {}
+    if stage.init_extra:
+        init_extra = lambda p, r: stage.init_extra(p, cfg=cfg.loss, rng=r, batch_size=cfg.batch_size)  # noqa: E731
+        with mesh:
+            extra = jax.jit(init_extra, out_shardings=shardings_of(st.train["extra"]))(params, rng)
     replicated = sharding.replicated(mesh)
     scalars = {"step": jnp.zeros((), jnp.int32), "rng": train_rng, "bad_step": jnp.full((), -1, jnp.int32)}
-    extra = {}
-    if cfg.objective in objectives.EXTRA:  # e.g. BLIP's momentum encoders (sharded like their twins) and queues
-        init_extra = functools.partial(objectives.EXTRA[cfg.objective], cfg=cfg.loss, batch_size=cfg.batch_size)
-        shapes = jax.eval_shape(lambda p, r: init_extra(p, rng=r), params, rng)
-        extra_sh = {k: (jax.tree.map(lambda x: x.sharding, {n: params[n] for n in v}) if k == "momentum"
-                        else jax.tree.map(lambda _: replicated, v)) for k, v in shapes.items()}
-        with mesh:
-            extra = jax.jit(lambda p, r: init_extra(p, rng=r), out_shardings=extra_sh)(params, rng)
     train = {"params": trainable, "opt_state": opt_state, "extra": extra, **jax.device_put(scalars, replicated)}
     # committed arrays: the train step then sees the same input placements at every call (one compile)
-    train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
-    return ModelState(model_of(config)[0], config, train, frozen, shardings, mesh)
+    st.train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
+    st.frozen = frozen
+    return st
 
 
 def opt_state_shardings(opt_state, param_shardings, mesh: Mesh):

@@ -3,13 +3,14 @@ microbatches, frozen parameters never differentiated), Orbax checkpoints with ex
 metrics as JSON lines and TensorBoard events.
 
 Stages differ by config only: the model (`model.*`), which parameters train (`trainable` regexes),
-the objective (`objective`: a key of `blip_jax.train.objectives.OBJECTIVES`) and the data.
+the stage (`objective`: a record of `blip_jax.train.objectives.STAGES`) and the data.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from blip_jax.train import inputs, objectives, optim, partition, sharding
+from blip_jax import checkpoint
+from blip_jax.train import inputs, optim, partition, sharding
 from blip_jax.train import state as state_lib
+from blip_jax.train.export import export_model
+from blip_jax.train.objectives import stage_of
+from blip_jax.train.state import shardings_of
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,11 +38,12 @@ class NonFiniteLossError(RuntimeError):
 def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, train_shardings, frozen_shardings):
     """jit(train_step(train, frozen, batch) -> (train, metrics)) with these shardings, the train state
     donated."""
-    objective = functools.partial(objectives.OBJECTIVES[cfg.objective], model, cfg=cfg.loss)
+    stage = stage_of(cfg)
+    objective = functools.partial(stage.loss, model, cfg=cfg.loss)
     accum = int(cfg.grad_accum_steps)
 
-    if accum > 1 and cfg.objective in objectives.EXTRA:
-        raise ValueError(f"{cfg.objective} keeps momentum encoders and queues updated every step: "
+    if accum > 1 and not stage.accumulates:
+        raise ValueError(f"{stage.name} keeps state (momentum encoders, queues) that advances every step: "
                          "grad_accum_steps must be 1")
 
     def loss_of(trainable, frozen, micro, rng, extra):
@@ -63,7 +69,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
             micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
             # each microbatch's mean weighs what it averages over (the LM loss: its target tokens), so
             # the accumulated loss and gradient are the whole batch's, not a mean of means
-            weight_of = objectives.WEIGHTS.get(cfg.objective) or (lambda mb: 1.0)
+            weight_of = stage.microbatch_weight or (lambda mb: 1.0)
 
             def body(carry, xs):
                 i, mb = xs
@@ -95,10 +101,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
 
     return jax.jit(train_step, in_shardings=(train_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(train_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-
-
-def shardings_of(tree):
-    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def abstract_like(tree):
@@ -157,25 +159,37 @@ def _restore_frozen(workdir: Path, frozen: dict) -> dict:
         return ckptr.restore(path, target)
 
 
+def setup(cfg, mesh):
+    """What a run builds before its loop: (state, task, jitted train step, optimizer)."""
+    if cfg.model.init_from:  # a model directory, or a training workdir's W/model
+        cfg.model.init_from = str(checkpoint.model_dir(cfg.model.init_from))
+    optimizer = optim.make_optimizer(cfg.optim)
+    draft = state_lib.model_config(cfg)
+    task = inputs.make_task(cfg, draft.vision.image_size, bool(getattr(draft, "family", None) and draft.family.encoder_decoder))
+    inputs.prepare_loss(cfg, mesh, task.qformer_tokenizer, task.llm_tokenizer)
+    st = state_lib.create(cfg, mesh, optimizer, task.vocab())
+    step_fn = make_train_step(st.model, optimizer, cfg, mesh, shardings_of(st.train), shardings_of(st.frozen))
+    return st, task, step_fn, optimizer
+
+
+def _say(message: str) -> None:
+    """A line for the user on stderr (process 0), also in the log."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        tqdm.write(message, file=sys.stderr)
+
+
 def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) the training job `cfg` in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
-    optimizer = optim.make_optimizer(cfg.optim)
-    draft = state_lib.model_config(cfg)
-    task = inputs.make_task(cfg, draft.vision.image_size, bool(getattr(draft, "family", None) and draft.family.encoder_decoder))
-    vocab = task.vocab()
-    if cfg.objective == "stage1" or cfg.objective in objectives.BLIP:
-        cfg.loss.bos_token_id = vocab["qformer_bos_token_id"]  # ITG's / LM's first token, [DEC]
-    cfg.loss.batch_shards = sharding.batch_shards(mesh)  # ITM negatives per device need it
-    if cfg.objective == "blip_caption":  # [DEC] + the prompt's tokens are not targets
-        cfg.loss.prompt_length = len(task.qformer_tokenizer.encode(cfg.data.prompt)) - 1
-    st = state_lib.create(cfg, mesh, optimizer, vocab)
+    st, task, step_fn, _ = setup(cfg, mesh)
     data = task.iterator(process_index=jax.process_index(), process_count=jax.process_count())
     manager = _checkpoint_manager(workdir, cfg)
 
+    total = int(cfg.total_steps)
     latest = manager.latest_step()
     if latest is not None:  # resume: trainable state, optimizer, rng and data position
         target = abstract_like(st.train)
@@ -184,22 +198,30 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         st.train = restored["state"]
         inputs.restore_iterator(data, restored["data"])
         st.frozen = _restore_frozen(workdir, st.frozen)
+        _say(f"resumed from step {latest} of {workdir}")
     else:
         _save_frozen(workdir, st.frozen, cfg)
 
-    step_fn = make_train_step(st.model, optimizer, cfg, mesh, shardings_of(st.train), shardings_of(st.frozen))
     writer = MetricsWriter(workdir)
     start = int(st.train["step"])
-    total = int(cfg.total_steps)
     batch_size = int(cfg.batch_size)
     last = {}
-    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {cfg.objective}",
+    bar = None
+    reported_skips: dict[str, int] = {}
+    first = task.global_batch(next(data), mesh) if start < total else None
+    if first is not None:  # compiled ahead of the loop, so its time is reported apart from the steps'
+        _say(f"compiling the {task.stage.name} train step ...")
+        t0 = time.time()
+        step_fn = step_fn.lower(st.train, st.frozen, first).compile()
+        compile_seconds = time.time() - t0
+        _say(f"compiled in {compile_seconds:.1f} s")
+    resumed = f" (resumed from step {start})" if latest is not None else ""
+    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {task.stage.name}{resumed}",
                disable=not progress or jax.process_index() != 0)
     t0, logged_at = time.time(), start
-    reported_skips: dict[str, int] = {}
     try:
         for step in range(start, total):
-            batch = task.global_batch(next(data), mesh)
+            batch = first if step == start else task.global_batch(next(data), mesh)
             st.train, metrics = step_fn(st.train, st.frozen, batch)
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
@@ -207,6 +229,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 dt = max(time.time() - t0, 1e-9)
                 values["steps_per_sec"] = (done - logged_at) / dt
                 values["examples_per_sec"] = values["steps_per_sec"] * batch_size
+                if logged_at == start:
+                    values["compile_seconds"] = compile_seconds
                 t0, logged_at = time.time(), done
                 skipped = _data_report(task, data, workdir, done)
                 values["skipped_records"] = float(sum(skipped.values()))
@@ -224,10 +248,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                                                            data=ocp.args.JsonSave(inputs.iterator_state(data))),
                              force=True)
         _check_finite(st.train, cfg)
-        if cfg.objective in objectives.BLIP:
-            from blip_jax.train.export import export_model
-
-            last["model"] = str(export_model(workdir, st, task))
+        last["model"] = str(export_model(workdir, st, task))
         if cfg.report and jax.process_count() == 1 and cfg.data.kind == "synthetic" and not cfg.data.mixture:
             from blip_jax.train.report import report
 
@@ -237,7 +258,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         manager.wait_until_finished()
         manager.close()
         writer.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
     return last
 
 

@@ -1,32 +1,34 @@
-"""The losses of the one trainer: each stage is a function `(model, params, batch, rng, cfg, extra) ->
-(loss, metrics, extra)` over a global batch (jit sees global arrays, so "all-gathered" features and
-negatives mined "across devices" are simply the whole batch; XLA inserts the collectives). `extra`
-is an objective's own state (BLIP's momentum encoders and queues; empty for the others).
+"""BLIP-2's stages: stage 1 (ITC + ITM + ITG on the Q-Former, no LLM) and the LM stages (stage 2 with
+OPT / Flan-T5, InstructBLIP instruction tuning), with their examples and batch shapes.
 
-Batches (numpy / jax arrays, batch-major):
-  all         pixels [B, H, W, 3] (normalised, NHWC)
+Batches (host arrays, batch-major; `pixels` [B, H, W, 3] is the task's):
   stage1      text_ids, text_mask [B, T]: Q-Former tokens ([CLS] text [SEP])
   lm          ids, mask [B, T]: LLM tokens, right-padded; loss_mask [B, T]: 1 on target tokens
               (decoder LLMs: the text / the output after the instruction)
   lm (T5)     ids, mask: encoder text after the soft prompt; targets, target_mask: decoder targets
   instruct    qformer_ids, qformer_mask: the instruction for the Q-Former (both LM variants)
-  blip_*      text_ids, text_mask [B, T]: BERT tokens ([CLS] text [SEP]); blip_retrieval also
-              image_index [B] (texts of one image share it)
-  blip_vqa    question_ids, question_mask [B, T]: BERT tokens of the question; answer_ids,
-              answer_mask [B, K, A]: each question's K answers ([CLS] answer [SEP]); answer_weights
-              [B, K] (0 for padding answers)
+
+LM formats follow LAVIS: decoder LLMs read [BOS] text [EOS] with the loss on every real token (on the
+output only for instructions and questions); Flan-T5 stage 2 is a prefix LM whose split point is
+drawn per record (from token 1 to the middle). InstructBLIP records without an instruction get one
+from the templates of `cfg.data.instruction_family` (or their task's family); BLIP-2 question
+records read the model family's VQA prompt.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blip_jax.losses import IGNORE, cross_entropy
+from blip_jax.blip2_api import VQA_TEMPLATES
+from blip_jax.data import transforms
+from blip_jax.data.instructions import instruct, sample_answer
+from blip_jax.data.records import BadRecord
+from blip_jax.losses import IGNORE, clamped_temperature, cross_entropy
 from blip_jax.models.blip2 import Blip2
-from blip_jax.train import blip_objectives
-
-TEMP_RANGE = (0.001, 0.5)  # LAVIS clamps the learnable ITC temperature
+from blip_jax.train import report
+from blip_jax.train.objectives.stage import Stage
 
 
 def _masked_ce(logits, targets, weights, label_smoothing=0.0):
@@ -46,7 +48,7 @@ def stage1(model: Blip2, params, batch, rng, cfg, extra):
     # ITC: the best-matching query's similarity, both directions, over the global batch
     image_feats = apply(Blip2.image_features, image, deterministic=False)  # [B, Q, E]
     text_feats = apply(Blip2.text_features, ids, mask, deterministic=False)  # [B, E]
-    temp = jnp.clip(params["temp"], *TEMP_RANGE)
+    temp = clamped_temperature(params["temp"])
     sim_i2t = jnp.einsum("iqe,te->itq", image_feats, text_feats).max(-1) / temp
     sim_t2i = jnp.einsum("te,iqe->tiq", text_feats, image_feats).max(-1) / temp
     labels = jnp.arange(b)
@@ -102,12 +104,72 @@ def lm_weight(batch):
     return jnp.sum(batch["target_mask" if "target_mask" in batch else "loss_mask"] > 0)
 
 
-OBJECTIVES = {"stage1": stage1, "lm": language_modeling, "blip_pretrain": blip_objectives.pretrain,
-              "blip_retrieval": blip_objectives.retrieval, "blip_caption": blip_objectives.caption,
-              "blip_vqa": blip_objectives.vqa}
-# objectives with their own state: its initialiser `(params, loss cfg, rng, batch_size) -> extra`
-EXTRA = {"blip_pretrain": blip_objectives.init_extra, "blip_retrieval": blip_objectives.init_extra}
-BLIP = ("blip_pretrain", "blip_retrieval", "blip_caption", "blip_vqa")  # objectives of the BLIP model (the rest: BLIP-2)
-# each objective's weight of a microbatch in gradient accumulation (None: equal weights; stage 1's
-# contrastive and matching losses see the microbatch's in-batch negatives only, whatever the weights)
-WEIGHTS = {"stage1": None, "lm": lm_weight, "blip_caption": None, "blip_vqa": None}
+def caption_example(task, record, rng) -> dict:
+    """Stage 1: the caption's BERT tokens."""
+    ids, mask = task.bert_caption(record)
+    return {"text_ids": ids, "text_mask": mask}
+
+
+def caption_shapes(cfg, encoder_decoder: bool) -> dict:
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.max_text_len), np.int32)
+    return {"text_ids": tokens, "text_mask": tokens}
+
+
+def _prompt_and_target(task, record: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """(prompt, target) of an LM record; the prompt is empty for plain captions."""
+    d = task.cfg.data
+    cleaned = dict(record)
+    if "caption" in record:
+        cleaned["caption"] = transforms.pre_caption(record["caption"], d.max_words, d.prompt)
+    if "question" in record:
+        cleaned["question"] = transforms.pre_question(record["question"], d.max_words)
+    if task.cfg.model.instruct:
+        return instruct(cleaned, d.instruction_family, rng)
+    if "caption" in cleaned:
+        return "", cleaned["caption"]
+    if "question" in cleaned:
+        template = VQA_TEMPLATES["t5" if task.encoder_decoder else "opt"]
+        return template.format(cleaned["question"]), sample_answer(cleaned, rng)
+    raise BadRecord("bad_text", "a record with neither caption nor question")
+
+
+def lm_example(task, record, rng) -> dict:
+    """The LLM's tokens (and, for InstructBLIP, the Q-Former's instruction tokens); see the module doc."""
+    d = task.cfg.data
+    prompt, target = _prompt_and_target(task, record, rng)
+    tok = task.llm_tokenizer
+    out = {}
+    if task.cfg.model.instruct:
+        out["qformer_ids"], out["qformer_mask"] = task.bert_tokens(prompt)
+    if task.encoder_decoder:
+        if not prompt:  # prefix LM: split the caption at a point drawn from [1, middle]
+            words = target.split()
+            cut = int(rng.integers(1, max(len(words) // 2, 1) + 1))
+            prompt, target = " ".join(words[:cut]), " ".join(words[cut:])
+        ids, mask = task.pad(tok.encode(prompt), d.max_text_len, tok.pad_token_id)
+        targets, target_mask = task.pad(tok.encode(target), d.max_text_len, tok.pad_token_id)
+        return {**out, "ids": ids, "mask": mask, "targets": targets, "target_mask": target_mask}
+    eos = [tok.eos_token_id]
+    if prompt:  # [BOS] prompt | target [EOS]; loss on the target and EOS only
+        head = tok.encode(prompt)
+        seq, loss_from = head + tok.encode(target, add_special_tokens=False) + eos, len(head)
+    else:  # [BOS] caption [EOS]; every real token is a target (LAVIS)
+        seq, loss_from = tok.encode(target) + eos, 0
+    ids, mask = task.pad(seq, d.max_text_len, tok.pad_token_id)
+    loss_mask = mask.copy()
+    loss_mask[:loss_from] = 0
+    return {**out, "ids": ids, "mask": mask, "loss_mask": loss_mask}
+
+
+def lm_shapes(cfg, encoder_decoder: bool) -> dict:
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.max_text_len), np.int32)
+    out = {"qformer_ids": tokens, "qformer_mask": tokens} if cfg.model.instruct else {}
+    names = ("ids", "mask", "targets", "target_mask") if encoder_decoder else ("ids", "mask", "loss_mask")
+    return {**out, **{n: tokens for n in names}}
+
+
+STAGE1 = Stage("stage1", "blip2", stage1, caption_example, caption_shapes, report.qformer_retrieval,
+               bert_text_only=True, architecture="retrieval", model_fields={"stage1_heads": True})
+# each microbatch's mean weighs its target tokens, so an accumulated loss is the whole batch's
+LM = Stage("lm", "blip2", language_modeling, lm_example, lm_shapes, report.llm_generation,
+           microbatch_weight=lm_weight)

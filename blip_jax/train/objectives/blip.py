@@ -16,20 +16,32 @@ architecture, encoder and decoder untied) encodes the question over the image an
 every answer of the question over the question states: per-answer sequence losses (summed over
 tokens, label smoothing 0.1) weighted by the answers' weights, summed, divided by the batch size.
 
+Batches (host arrays, batch-major; `pixels` [B, H, W, 3] is the task's):
+  all         text_ids, text_mask [B, T]: BERT tokens ([CLS] text [SEP]); retrieval also image_index [B]
+              (texts of one image share it)
+  vqa         question_ids, question_mask [B, T]: BERT tokens of the question; answer_ids, answer_mask
+              [B, K, A]: each question's K answers ([CLS] answer [SEP]); answer_weights [B, K] (0 for
+              padding answers)
+
 The momentum parameters and queues are the objective's state (`extra`, checkpointed with the train
 state, momentum sharded like the online parameters); `init_extra` makes it.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blip_jax.losses import IGNORE, cross_entropy, sequence_cross_entropy
+from blip_jax.data import transforms
+from blip_jax.data.records import BadRecord
+from blip_jax.losses import IGNORE, clamped_temperature, cross_entropy, sequence_cross_entropy
 from blip_jax.models.blip import Blip
 from blip_jax.models.tying import applied_form
-
-TEMP_RANGE = (0.001, 0.5)
+from blip_jax.train import report
+from blip_jax.train.objectives.stage import Stage
 MOMENTUM_KEYS = ("vision", "text_encoder", "vision_proj", "text_proj")  # BLIP's model_pairs
 
 
@@ -121,7 +133,7 @@ def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm
     image = apply(Blip.encode_image, batch["pixels"], deterministic=False)
     image_feat = apply(Blip.image_features, image)
     text_feat = apply(Blip.text_features, ids, mask, deterministic=False)
-    temp = jnp.clip(params["temp"], *TEMP_RANGE)
+    temp = clamped_temperature(params["temp"])
 
     momentum = ema(extra["momentum"], params, cfg.momentum)
     vm = {"params": {**full, **momentum}}
@@ -215,3 +227,81 @@ def vqa(model, params, batch, rng, cfg, extra):
     per_answer = sequence_cross_entropy(logits[:, :-1], targets, cfg.blip_lm_label_smoothing).reshape(b, k)
     loss = jnp.sum(per_answer * batch["answer_weights"]) / b
     return loss, {"vqa": loss}, extra
+
+
+# ------------------------------------------------------------------------- examples
+def caption_example(task, record, rng) -> dict:
+    """The caption's BERT tokens (pre-training, captioning)."""
+    ids, mask = task.bert_caption(record)
+    return {"text_ids": ids, "text_mask": mask}
+
+
+def image_index(record: dict) -> int:
+    """A stable non-negative integer per image (retrieval fine-tuning's positives)."""
+    if "index" in record and "image_id" not in record:  # synthetic records: one caption per image
+        return int(record["index"])
+    return zlib.crc32(str(record.get("image_id", record["image"])).encode()) & 0x7FFFFFFF
+
+
+def retrieval_example(task, record, rng) -> dict:
+    """The caption's BERT tokens and its image's index: texts of one image are each other's positives."""
+    return {**caption_example(task, record, rng), "image_index": np.int32(image_index(record))}
+
+
+def vqa_example(task, record, rng) -> dict:
+    """The question's BERT tokens and up to `data.max_answers` of its answers (the heaviest first)
+    with their weights (LAVIS: each distinct answer's share of the annotators; a single answer weighs
+    1); padding answers weigh 0."""
+    d, tok = task.cfg.data, task.qformer_tokenizer
+    answers = list(record.get("answers") or ([record["answer"]] if record.get("answer") else []))
+    if "question" not in record or not answers:
+        raise BadRecord("bad_text", "blip_vqa trains on questions with answers; the record lacks them")
+    weights = list(record.get("answer_weights") or [1.0 / len(answers)] * len(answers))
+    keep = np.argsort(-np.asarray(weights, np.float64), kind="stable")[: d.max_answers]
+    q_ids, q_mask = task.bert_tokens(transforms.pre_question(record["question"], d.max_words))
+    rows = [task.pad(tok.encode(str(answers[i])), d.max_answer_len, tok.pad_token_id) for i in keep]
+    rows += [task.pad([], d.max_answer_len, tok.pad_token_id)] * (d.max_answers - len(rows))
+    a_weights = np.zeros(d.max_answers, np.float32)
+    a_weights[: len(keep)] = [weights[i] for i in keep]
+    return {"question_ids": q_ids, "question_mask": q_mask, "answer_ids": np.stack([r[0] for r in rows]),
+            "answer_mask": np.stack([r[1] for r in rows]), "answer_weights": a_weights}
+
+
+def caption_shapes(cfg, encoder_decoder: bool) -> dict:
+    tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.max_text_len), np.int32)
+    return {"text_ids": tokens, "text_mask": tokens}
+
+
+def retrieval_shapes(cfg, encoder_decoder: bool) -> dict:
+    return {**caption_shapes(cfg, encoder_decoder), "image_index": jax.ShapeDtypeStruct((cfg.batch_size,), np.int32)}
+
+
+def vqa_shapes(cfg, encoder_decoder: bool) -> dict:
+    b, k, a = cfg.batch_size, cfg.data.max_answers, cfg.data.max_answer_len
+    tokens = jax.ShapeDtypeStruct((b, cfg.data.max_text_len), np.int32)
+    answers = jax.ShapeDtypeStruct((b, k, a), np.int32)
+    return {"question_ids": tokens, "question_mask": tokens, "answer_ids": answers, "answer_mask": answers,
+            "answer_weights": jax.ShapeDtypeStruct((b, k), np.float32)}
+
+
+def prompt_length(cfg, bert_tokenizer, llm_tokenizer) -> None:
+    """Caption fine-tuning: [DEC] + the prompt's tokens are given, not targets."""
+    cfg.loss.prompt_length = len(bert_tokenizer.encode(cfg.data.prompt)) - 1
+
+
+# ------------------------------------------------------------------------- the stages
+# "pretrain" has every head and the tied decoder (retrieval fine-tuning uses its encoder, heads and
+# temperature); caption and VQA are untied. Learning rates and resolutions are the paper's: pre-train
+# at 224, fine-tune at 384, VQA at 480 (positions resized when a checkpoint's grid differs).
+_BLIP = dict(model="blip", bert_text_only=True)
+PRETRAIN = Stage("blip_pretrain", loss=pretrain, example=caption_example, batch_shapes=caption_shapes,
+                 report=report.blip_retrieval, architecture="pretrain", init_extra=init_extra, lr=3e-4,
+                 image_size=224, **_BLIP)
+RETRIEVAL = Stage("blip_retrieval", loss=retrieval, example=retrieval_example, batch_shapes=retrieval_shapes,
+                  report=report.blip_retrieval, architecture="pretrain", init_extra=init_extra, lr=1e-5,
+                  image_size=384, **_BLIP)
+CAPTION = Stage("blip_caption", loss=caption, example=caption_example, batch_shapes=caption_shapes,
+                report=report.blip_generation, architecture="caption", prepare=prompt_length, lr=1e-5,
+                image_size=384, **_BLIP)
+VQA = Stage("blip_vqa", loss=vqa, example=vqa_example, batch_shapes=vqa_shapes, report=report.blip_generation,
+            architecture="vqa", lr=2e-5, image_size=480, **_BLIP)
