@@ -2,11 +2,13 @@
 
 __version__ = "0.1.0"
 
+from blip_jax.prompts import INSTRUCT_PAPER  # noqa: E402,F401 (a plain dict: importing it is cheap)
+
 
 def load(path, **kwargs):
     """Load a blip-jax model directory (made by `blip-jax convert`, or a training workdir's W/model,
-    which W itself names); see `blip_jax.api.BlipModel`."""
-    from blip_jax.api import load as _load
+    which W itself names): a `blip_jax.api.BlipModel` or a `blip_jax.blip2_api.Blip2Model`."""
+    from blip_jax.model_base import load as _load
     from blip_jax.checkpoint import model_dir
 
     return _load(model_dir(path), **kwargs)

@@ -1,5 +1,5 @@
-"""The BLIP-2 / InstructBLIP side of `blip_jax.load`: the same model object as BLIP's, with
-caption, generate, vqa and rank for the LLM models and itm / itc for the retrieval model.
+"""The BLIP-2 / InstructBLIP model object, a sibling of `blip_jax.api`'s over `blip_jax.model_base`:
+caption, generate, vqa, vqa_rank and rank for the LLM models, itm / itc for the retrieval model.
 
 Users pass plain text: the soft prompt (the projected Q-Former outputs) takes the place of the
 `<image>` tokens a transformers v5 processor would insert, and is placed before the text
@@ -18,27 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip_jax import checkpoint, generation
-from blip_jax.api import TEXT_PAD_MULTIPLE, BlipModel, UnsupportedTaskError, _as_list, _pad_rows, _pair_up
-from blip_jax.images import ImageProcessor
+from blip_jax import generation
+from blip_jax.batching import TEXT_PAD_MULTIPLE, as_list, pad_rows, pad_width, pair_up
+from blip_jax.model_base import ModelBase
 from blip_jax.models.blip2 import Blip2, Blip2Config
 from blip_jax.models.config import DTYPES
+from blip_jax.prompts import BLIP2_CAPTION, BLIP2_VQA, CAPTION_PROMPTS, VQA_TEMPLATES, task_options
 from blip_jax.text import QFORMER_TOKENIZER, BlipTokenizer
 
-
-# Prompts and decoding settings of the papers / LAVIS evaluation configs, by model kind
-# (see `_kind`); every option can be overridden per call.
-CAPTION_PROMPTS = {"blip2": "a photo of", "instruct": "A short image description:"}
-VQA_TEMPLATES = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:",
-                 "instruct": "Question: {} Short answer:"}
-CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
-VQA_DEFAULTS = {"opt": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0),
-                "t5": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
-                "instruct": dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)}
-INSTRUCT_DEFAULTS = dict(num_beams=5, max_new_tokens=256, min_new_tokens=1, repetition_penalty=1.5)
 QFORMER_MAX_INSTRUCTION = 128  # InstructBLIP's Q-Former instruction length
-
-TASKS = {"generation": ("caption", "generate", "vqa", "rank"), "retrieval": ("itm", "itc")}
 
 
 # ------------------------------------------------------------------------- compiled pieces
@@ -151,26 +139,18 @@ def _text_features(config: Blip2Config, params, ids, mask):
 
 
 # ------------------------------------------------------------------------- the model object
-def _pad_width(ids: np.ndarray, mask: np.ndarray, pad_id: int, side: str):
-    """Pad token arrays to a multiple of TEXT_PAD_MULTIPLE columns on `side` (fewer compiled shapes)."""
-    width = -(-ids.shape[1] // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
-    spec = ((0, 0), (width - ids.shape[1], 0)) if side == "left" else ((0, 0), (0, width - ids.shape[1]))
-    return (np.pad(ids, spec, constant_values=pad_id).astype(np.int32), np.pad(mask, spec).astype(np.int32))
-
-
-class Blip2Model(BlipModel):
+class Blip2Model(ModelBase):
     """A loaded BLIP-2 / InstructBLIP model (see the module docstring)."""
 
+    family = "BLIP-2"
+
     def __init__(self, config: Blip2Config, params, tokenizer: BlipTokenizer | None = None,
-                 image_processor: ImageProcessor | None = None, qformer_tokenizer: BlipTokenizer | None = None,
-                 **kwargs):
+                 image_processor=None, qformer_tokenizer: BlipTokenizer | None = None, **kwargs):
         super().__init__(config, params, tokenizer, image_processor, **kwargs)
         self.qformer_tokenizer = qformer_tokenizer
 
     @classmethod
-    def from_dir(cls, path: str | Path, **kwargs) -> "Blip2Model":
-        config, params = checkpoint.load(path)
-        path = Path(path)
+    def _tokenizers(cls, config, path: Path) -> dict:
         tokenizer = qformer_tokenizer = None
         if config.architecture == "retrieval":
             tokenizer = BlipTokenizer.from_dir(path)
@@ -178,18 +158,7 @@ class Blip2Model(BlipModel):
             tokenizer = BlipTokenizer.from_llm_dir(path)
         if config.instruct:
             qformer_tokenizer = BlipTokenizer.from_dir(path / QFORMER_TOKENIZER)
-        return cls(config, params, tokenizer, ImageProcessor.from_dir(path), qformer_tokenizer, path=path, **kwargs)
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return TASKS[self.architecture]
-
-    def _require(self, task: str):
-        if task not in self.tasks:
-            raise UnsupportedTaskError(f"{task} needs a BLIP-2 {'retrieval' if task in ('itm', 'itc') else 'LLM'} "
-                                       f"model, but {self.path or 'this model'} serves: {', '.join(self.tasks)}")
-        if self.tokenizer is None:
-            raise FileNotFoundError(f"{self.path}: no tokenizer.json to encode text")
+        return {"tokenizer": tokenizer, "qformer_tokenizer": qformer_tokenizer}
 
     @property
     def _kind(self) -> str:
@@ -201,7 +170,7 @@ class Blip2Model(BlipModel):
         right-padded for T5's encoder."""
         side = "right" if self.config.family.encoder_decoder else "left"
         enc = self.tokenizer(list(texts), padding="longest", truncation=False, padding_side=side)
-        return _pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, side)
+        return pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, side)
 
     def _image_embeds(self, pixels: np.ndarray):
         """ViT tokens after ln_vision of every image [n, 1 + patches, D], encoded once, on device."""
@@ -213,12 +182,12 @@ class Blip2Model(BlipModel):
         image_embeds = self._image_embeds(pixels)
         prefixes = []
         for a, b, r in self._chunks(len(image_index)):
-            embeds = self._rows(image_embeds[_pad_rows(image_index[a:b], r)], r)
+            embeds = self._rows(image_embeds[pad_rows(image_index[a:b], r)], r)
             q_ids = q_mask = None
             if self.config.instruct:
                 enc = self.qformer_tokenizer(instructions[a:b], padding="longest", truncation=True,
                                              max_length=QFORMER_MAX_INSTRUCTION)
-                q_ids, q_mask = _pad_width(enc["input_ids"], enc["attention_mask"],
+                q_ids, q_mask = pad_width(enc["input_ids"], enc["attention_mask"],
                                            self.qformer_tokenizer.pad_token_id, "right")
                 q_ids, q_mask = self._rows(q_ids, r), self._rows(q_mask, r)
             prefixes.append(_language_prefix(self.config, self.params, embeds, q_ids, q_mask)[: b - a])
@@ -227,22 +196,46 @@ class Blip2Model(BlipModel):
     def _generation_config(self, defaults: dict, options: dict) -> generation.GenerationConfig:
         llm = self.config.llm
         return generation.GenerationConfig.from_kwargs(
-            **{**defaults, "eos_token_id": llm.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id, **options})
+            **{**task_options(defaults, options), "eos_token_id": llm.eos_token_id,
+               "pad_token_id": self.tokenizer.pad_token_id, **options})
+
+    def _as_new_tokens(self, options: dict, prompts: list[str]) -> dict:
+        """transformers' max_length / min_length (or its default of 20) as new-token counts. They count
+        the model's input: for decoder LLMs the soft prompt and the longest prompt (the `<image>` tokens
+        are input_ids there), for T5 the decoder start token."""
+        options = dict(options)
+        max_length, min_length = options.pop("max_length", None), options.pop("min_length", None)
+        if self.config.family.encoder_decoder:
+            used, limit = 1, None
+        else:
+            longest = max(len(ids) for ids in self.tokenizer(prompts)["input_ids"])
+            used, limit = self.config.num_query_tokens + longest, self.config.llm.max_position_embeddings
+        if "max_new_tokens" not in options:
+            # no max_length anywhere: transformers generates 20 new tokens, within the positions
+            options["max_new_tokens"] = (max_length - used if max_length is not None
+                                         else min(20 + used, limit or 20 + used) - used)
+        if "min_new_tokens" not in options and min_length:
+            options["min_new_tokens"] = max(0, min_length - used)
+        return options
 
     # ------------------------------------------------------------------ tasks
     def generate(self, images, prompts: str | Sequence[str] = "", **generation_options) -> list[str]:
         """Text generated for each (image, prompt) pair (one image or one prompt is broadcast); the
         prompt is not repeated in the output. InstructBLIP prompts are instructions and also feed the
-        Q-Former. Defaults: beam 5, <= 256 new tokens, repetition penalty 1.5 for InstructBLIP; beam 5,
-        <= 30 new tokens otherwise; any `GenerationConfig` option overrides them. With
-        `num_return_sequences=k` the k texts of each pair are consecutive."""
-        defaults = INSTRUCT_DEFAULTS if self.config.instruct else CAPTION_DEFAULTS
-        return self._generate(images, _as_list(prompts), defaults, generation_options)
+        Q-Former. transformers' `generate` semantics: the defaults are the checkpoint's
+        generation_config.json, else transformers' (greedy, max_length 20), and the options
+        (`max_length` and `min_length` included) mean what they mean there. InstructBLIP's paper
+        settings: `**blip_jax.INSTRUCT_PAPER`. With `num_return_sequences=k` the k texts of each pair
+        are consecutive."""
+        self._require("generate")
+        prompts = as_list(prompts)
+        options = self._as_new_tokens({**self.checkpoint_generation_options(), **generation_options}, prompts)
+        return self._generate(images, prompts, {}, options)
 
     def _generate(self, images, prompts: list[str], defaults: dict, options: dict) -> list[str]:
         self._require("generate")
         pixels = self.preprocess(images)
-        image_index, prompts = _pair_up(len(pixels), prompts)
+        image_index, prompts = pair_up(len(pixels), prompts)
         prefixes = self._prefixes(pixels, image_index, prompts)
         config = self._generation_config(defaults, options)
         outputs = []
@@ -258,14 +251,22 @@ class Blip2Model(BlipModel):
         instruction "A short image description:"), as the papers evaluate; the prompt is not returned."""
         if prompt is None:
             prompt = CAPTION_PROMPTS["instruct" if self.config.instruct else "blip2"]
-        return self._generate(images, [prompt], CAPTION_DEFAULTS, generation_options)
+        return self._generate(images, [prompt], BLIP2_CAPTION, generation_options)
 
     def vqa(self, images, questions, **generation_options) -> list[str]:
         """Short answers with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
         answer:" for Flan-T5 and InstructBLIP) and zero-shot settings (beam 5, <= 10 new tokens)."""
         template = VQA_TEMPLATES[self._kind]
-        prompts = [template.format(q) for q in _as_list(questions)]
-        return self._generate(images, prompts, VQA_DEFAULTS[self._kind], generation_options)
+        prompts = [template.format(q) for q in as_list(questions)]
+        return self._generate(images, prompts, BLIP2_VQA[self._kind], generation_options)
+
+    def vqa_rank(self, images, questions, answer_list: Sequence[str], k: int | None = None) -> list[str]:
+        """The most likely answer of `answer_list` for each (image, question) pair, by `rank` after
+        the paper's VQA prompt. Every candidate is scored: `k` (BLIP's first-token shortlist) is
+        accepted for the shared signature and not used."""
+        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in as_list(questions)]
+        scores = self.rank(images, prompts, answer_list)
+        return [answer_list[i] for i in scores.argmax(1)]
 
     def rank(self, images, prompts, candidates: Sequence[str]) -> np.ndarray:
         """Log-likelihood [N, len(candidates)] of each candidate answer after each (image, prompt)
@@ -273,7 +274,7 @@ class Blip2Model(BlipModel):
         multiple-choice evaluation ranks by. One image or one prompt is broadcast."""
         self._require("rank")
         pixels = self.preprocess(images)
-        image_index, prompts = _pair_up(len(pixels), _as_list(prompts))
+        image_index, prompts = pair_up(len(pixels), as_list(prompts))
         prefixes = self._prefixes(pixels, image_index, prompts)
         candidates = list(candidates)
         t5 = self.config.family.encoder_decoder
@@ -289,7 +290,7 @@ class Blip2Model(BlipModel):
                 prompt_tokens = [list(p[m == 1]) for p, m in zip(enc["input_ids"], enc["attention_mask"])]
             for j in range(len(candidates)):
                 if t5:
-                    targets, tmask = _pad_width(cand["input_ids"][j:j + 1], cand["attention_mask"][j:j + 1],
+                    targets, tmask = pad_width(cand["input_ids"][j:j + 1], cand["attention_mask"][j:j + 1],
                                                 self.tokenizer.pad_token_id, "right")
                     targets, tmask = np.repeat(targets, rows, 0), np.repeat(tmask, rows, 0)
                     s = _candidate_logprobs(self.config, self.params, prefix, ids, mask, targets, tmask)
@@ -316,9 +317,14 @@ class Blip2Model(BlipModel):
             targets[i, n: len(s)], tmask[i, n: len(s)] = c, 1.0
         return ids, mask, targets, tmask
 
-    _itm_logits = staticmethod(_itm_logits)  # the jitted heads of BLIP-2's retrieval model
-    _image_features = staticmethod(_image_features)
-    _text_features = staticmethod(_text_features)
+    def _itm_head(self, image_embeds, ids, mask):
+        return _itm_logits(self.config, self.params, image_embeds, ids, mask)
+
+    def _image_feature_head(self, image_embeds):
+        return _image_features(self.config, self.params, image_embeds)
+
+    def _text_feature_head(self, ids, mask):
+        return _text_features(self.config, self.params, ids, mask)
 
     @staticmethod
     def similarity(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
@@ -328,4 +334,4 @@ class Blip2Model(BlipModel):
     def _tokenize(self, texts):
         enc = self.tokenizer(list(texts), padding="longest", truncation=True,
                              max_length=self.config.qformer_max_positions)
-        return _pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, "right")
+        return pad_width(enc["input_ids"], enc["attention_mask"], self.tokenizer.pad_token_id, "right")

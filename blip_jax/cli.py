@@ -3,6 +3,8 @@
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
+Compiled programs are kept in JAX's persistent cache (`BLIP_JAX_CACHE_DIR`, default
+~/.cache/blip_jax/jax; "off" disables it), so a repeated command skips most compilation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ GENERATION_FLAGS = {  # flag -> (type, help); None values are left to the task d
     "seed": (int, "sampling seed"),
     "num_return_sequences": (int, "outputs per input"),
 }
+
+
+CACHE_ENV = "BLIP_JAX_CACHE_DIR"
+CACHE_OFF = ("", "0", "off", "none")
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache for this process (the directory, or None when off)."""
+    where = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "blip_jax" / "jax"))
+    if where.strip().lower() in CACHE_OFF:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", where)
+    # cache every program: a tiny model's compiles are short and small, and still most of a call's time
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where
+
+
+def _say(message: str) -> None:
+    print(f"blip-jax: {message}", file=sys.stderr, flush=True)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser):
@@ -87,10 +111,16 @@ def cmd_convert(args) -> int:
 
 
 def _run_on_images(args, task) -> int:
+    """Load the model, check it serves the command (one clear error, exit 2, before any image is
+    read), then run `task(model, paths, images)` on the readable images."""
     import blip_jax
 
+    _say(f"loading {args.ckpt}...")
     model = blip_jax.load(args.ckpt, batch_size=args.batch_size, progress=True)
+    model.require(args.command)
     paths, images, skipped = _read_images(args.images)
+    if images:
+        _say(f"compiling and running {args.command} on {len(images)} images...")
     results = task(model, paths, images) if images else []
     _emit(args, {"results": results, "skipped": skipped, "counts": {"ok": len(paths), "skipped": len(skipped)}})
     return 0 if images else 1
@@ -258,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_command("caption", "caption images", cmd_caption)
     p.add_argument("--prompt", default=None, help='text the caption starts with, e.g. "a picture of"')
     _add_generation_flags(p)
-    p = model_command("generate", "BLIP-2 / InstructBLIP: text for each image from a prompt or instruction",
-                      cmd_generate)
+    p = model_command("generate", "BLIP-2 / InstructBLIP: text for each image from a prompt or instruction "
+                      "(transformers' generate defaults: the checkpoint's generation_config.json)", cmd_generate)
     p.add_argument("--prompt", default="", help="the prompt (BLIP-2) or instruction (InstructBLIP)")
     _add_generation_flags(p)
     p = model_command("itm", "image-text matching probability and ITC similarity", cmd_itm)
@@ -279,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    enable_compilation_cache()
     if argv[:1] == ["train"]:  # absl flags with ml_collections configs (see blip_jax.train.main)
         from blip_jax.train.main import main as train_main
 

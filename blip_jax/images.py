@@ -132,9 +132,10 @@ class ImageProcessor:
         self.image_std = [float(v) for v in np.broadcast_to(np.asarray(self.image_std, dtype=np.float64), (3,))]
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
+    def from_dir(cls, path: str | os.PathLike, image_size: int | None = None) -> "ImageProcessor":
         """Read preprocessor_config.json from a checkpoint directory, or the `image_processor` of a
-        transformers 5 processor_config.json (BLIP defaults if neither exists)."""
+        transformers 5 processor_config.json; if neither exists, BLIP's defaults at `image_size`
+        (the model's vision tower; 384 when not given)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -145,7 +146,7 @@ class ImageProcessor:
             with open(path / PROCESSOR_CONFIG_NAME, encoding="utf-8") as f:
                 cfg = json.load(f).get("image_processor") or {}
         else:
-            return cls()
+            return cls() if image_size is None else cls(size={"height": image_size, "width": image_size})
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 

@@ -1,7 +1,13 @@
 """Shared fixtures: tiny random transformers BLIP checkpoints and their blip-jax conversions."""
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
+
+# `blip-jax` commands (in process or as subprocesses) keep JAX's compilation cache here, never in ~/.cache.
+os.environ["BLIP_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="blip_jax_test_jax_cache_")
 
 ARCHITECTURES = ("caption", "retrieval", "vqa")
 

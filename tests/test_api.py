@@ -89,7 +89,7 @@ def test_itm_pairs_sharing_an_image_match_transformers(hf_checkpoint, hf_model, 
     """Retrieval re-ranking and CapFilt score many texts per image: those pairs run in slots that
     hold the image once (its cross-attention keys/values computed once). Shuffled pairs of 3 images
     (7, 5 and 1 texts), on a batch of 8 rows (slots of 5, the median), against transformers pair by pair."""
-    from blip_jax.api import _shared_rows, _slots
+    from blip_jax.batching import shared_rows as _shared_rows, slots as _slots
 
     images = sample_images(3)
     rng = np.random.default_rng(0)

@@ -76,7 +76,7 @@ def _targets():
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _logits(config, scan_layers, params, ids, mask, dec, dec_mask, embeds):
     return T5(config, scan_layers=scan_layers).apply({"params": params}, ids, mask, dec, dec_mask,
-                                                     inputs_embeds=embeds)
+                                                     inputs_embeds=embeds)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -56,10 +56,9 @@ class Blip(nn.Module):
     def decode(self, input_ids, attention_mask, encoder_states=None, encoder_mask=None, *, positions=None,
                cache=None, cache_index=None, deterministic: bool = True):
         """The causal LM over `encoder_states` (image tokens, or question states for VQA) -> (logits, aux)."""
-        _, aux = self.text_decoder(input_ids, attention_mask, encoder_states=encoder_states,
-                                   encoder_mask=encoder_mask, causal=True, positions=positions, cache=cache,
-                                   cache_index=cache_index, deterministic=deterministic)
-        return aux["logits"], aux
+        return self.text_decoder(input_ids, attention_mask, encoder_states=encoder_states, encoder_mask=encoder_mask,
+                                 causal=True, positions=positions, cache=cache, cache_index=cache_index,
+                                 deterministic=deterministic)
 
     def init_decode_cache(self, encoder_states, encoder_mask, max_len: int):
         return self.text_decoder.init_cache(encoder_states, encoder_mask, encoder_states.shape[0], max_len,

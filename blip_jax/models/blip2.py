@@ -178,9 +178,10 @@ class Blip2(nn.Module):
         LLMs, [B, T_dec, V] for encoder-decoder ones); `attention_mask` [B, T] covers the text only."""
         full_mask = jnp.concatenate([jnp.ones(prefix.shape[:2], jnp.int32), jnp.asarray(attention_mask, jnp.int32)], 1)
         if self.config.family.encoder_decoder:
-            return self.language_model(input_ids, full_mask, decoder_input_ids, decoder_attention_mask,
-                                       inputs_embeds=prefix, deterministic=deterministic)
-        logits, _ = self.language_model(input_ids, full_mask, inputs_embeds=prefix, deterministic=deterministic)
+            logits, _ = self.language_model(input_ids, full_mask, decoder_input_ids, decoder_attention_mask,
+                                            inputs_embeds=prefix, deterministic=deterministic)
+        else:
+            logits, _ = self.language_model(input_ids, full_mask, inputs_embeds=prefix, deterministic=deterministic)
         return logits
 
     def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):

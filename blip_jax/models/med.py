@@ -90,8 +90,8 @@ class TextLayer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """input_ids [B, T] -> (hidden [B, T, D], aux). aux holds `logits` when `lm_head` is set and
-    the updated `cache` when decoding with one."""
+    """input_ids [B, T] -> (hidden [B, T, D], aux), or (logits [B, T, V], aux with the `hidden`
+    states) when `lm_head` is set; aux holds the updated `cache` when decoding with one."""
 
     config: TextConfig
     lm_head: bool = False
@@ -156,7 +156,8 @@ class TextTransformer(nn.Module):
                 logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="head_out", **kw)(h)
             bias = self.param("head_bias", layers.logical(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                               self.param_dtype)
-            aux["logits"] = (logits + bias.astype(logits.dtype)).astype(jnp.float32)
+            # (out, aux): a model with a head returns its logits, the hidden states are intermediates
+            return (logits + bias.astype(logits.dtype)).astype(jnp.float32), {**aux, "hidden": x}
         return x, aux
 
     def init_cache(self, encoder_states, encoder_mask, batch: int, max_len: int, dtype=jnp.float32):

@@ -303,9 +303,9 @@ class T5(nn.Module):
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
                  inputs_embeds=None, deterministic: bool = True):
         states = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, deterministic=deterministic)
-        logits, _ = self.decode(decoder_input_ids, decoder_attention_mask, states, attention_mask,
-                                deterministic=deterministic)
-        return logits
+        logits, aux = self.decode(decoder_input_ids, decoder_attention_mask, states, attention_mask,
+                                  deterministic=deterministic)
+        return logits, {**aux, "encoder_states": states}  # (out, aux), as the other LLMs
 
     def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, deterministic: bool = True):
         """Encoder states [B, T' + T, D]."""

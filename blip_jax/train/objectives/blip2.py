@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip_jax.blip2_api import VQA_TEMPLATES
+from blip_jax.prompts import VQA_TEMPLATES
 from blip_jax.data import transforms
 from blip_jax.data.instructions import instruct, sample_answer
 from blip_jax.data.records import BadRecord

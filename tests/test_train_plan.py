@@ -1,0 +1,61 @@
+"""`blip-jax train --dry_run`: the memory plan compiles the real train step against the abstract
+state the trainer fills, for every training config, and for a paper preset on a 64-chip mesh."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "capfilt.py")
+
+
+def _dry_run(config: str, devices: int = 1, *overrides: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-m", "blip_jax.cli", "train", f"--config=configs/{config}", "--dry_run",
+                          *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_every_stage_has_a_training_config():
+    from blip_jax.config_files import load_config
+    from blip_jax.train.objectives import STAGES
+
+    covered = {load_config(str(ROOT / "configs" / name), "tiny").objective for name in TRAIN_CONFIGS}
+    assert covered == set(STAGES)
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS)
+def test_dry_run_of_every_tiny_config(config):
+    plan = _dry_run(f"{config}:tiny")
+    assert plan["per_device_gib"]["peak_estimate"] > 0
+    assert plan["flops_per_step_per_device"] > 0
+    assert plan["parameters"]["trainable"] > 0
+
+
+def test_dry_run_matches_the_state_training_builds():
+    """The plan's parameter counts are those of the state a run creates (one builder for both)."""
+    import jax
+
+    from blip_jax.config_files import load_config
+    from blip_jax.train import sharding, trainer
+
+    plan = _dry_run("blip_pretrain.py:tiny")
+    cfg = load_config(str(ROOT / "configs" / "blip_pretrain.py"), "tiny")
+    st, _, _, _ = trainer.setup(cfg, sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    assert plan["parameters"] == {"trainable": count(st.train["params"]), "frozen": count(st.frozen),
+                                  "extra_state": count(st.train["extra"])}
+
+
+def test_paper_preset_on_64_devices():
+    """BLIP ViT-B pre-training at the paper's batch 2880 on a 64-device data-parallel mesh."""
+    plan = _dry_run("blip_pretrain.py:base", 64)
+    assert plan["devices"] == 64 and plan["global_batch"] == 2880
+    assert plan["parameters"]["trainable"] > 200e6  # ViT-B/16 + BERT-base encoder / decoder + heads
+    per = plan["per_device_gib"]
+    assert 1 < per["argument"] < per["peak_estimate"] < 80  # a copy of the state per device, 45 examples' activations
