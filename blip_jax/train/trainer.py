@@ -229,8 +229,6 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 dt = max(time.time() - t0, 1e-9)
                 values["steps_per_sec"] = (done - logged_at) / dt
                 values["examples_per_sec"] = values["steps_per_sec"] * batch_size
-                if logged_at == start:
-                    values["compile_seconds"] = compile_seconds
                 t0, logged_at = time.time(), done
                 skipped = _data_report(task, data, workdir, done)
                 values["skipped_records"] = float(sum(skipped.values()))
@@ -248,6 +246,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                                                            data=ocp.args.JsonSave(inputs.iterator_state(data))),
                              force=True)
         _check_finite(st.train, cfg)
+        if first is not None:
+            last["compile_seconds"] = compile_seconds  # apart from metrics.jsonl's per-step figures
         last["model"] = str(export_model(workdir, st, task))
         if cfg.report and jax.process_count() == 1 and cfg.data.kind == "synthetic" and not cfg.data.mixture:
             from blip_jax.train.report import report
