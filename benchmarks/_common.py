@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from blip_jax.atomic import write_json
 
 
 def write_report(out_path: Path, report: dict) -> dict:
     """`report` as indented JSON at `out_path`, written atomically (a reader never sees half a file)."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    write_json(out_path, report)
     print(f"wrote {out_path}")
     return report
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -141,10 +140,9 @@ def main() -> int:
         result = run(root, records=records, wrong=args.wrong, steps=steps, seed=args.seed,
                      batch_size=args.batch_size, held_out=args.held_out, clean_records=args.clean_records,
                      finetune_steps=finetune_steps, threshold=args.threshold)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    from blip_jax.atomic import write_json
+
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

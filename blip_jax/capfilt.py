@@ -273,9 +273,9 @@ def _check_fingerprint(workdir: Path, cfg, captioner, filter_model) -> None:
         raise ValueError(f"{workdir} holds CapFilt shards made with other settings ({', '.join(changed)}); "
                          f"use a new workdir, or delete {workdir / 'shards'} to recompute everything")
     if jax.process_index() == 0:
-        from blip_jax.eval.runner import _atomic_write
+        from blip_jax.atomic import write_json
 
-        _atomic_write(path, lambda f: f.write((json.dumps(fingerprint, indent=2) + "\n").encode("utf-8")))
+        write_json(path, fingerprint)
 
 
 def _caption_options(cfg) -> dict:
@@ -407,10 +407,10 @@ def _gallery(workdir: Path, source, decided: list[dict], count: int) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from blip_jax.eval.runner import _atomic_write
+    from blip_jax.atomic import write_file
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    _atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
+    write_file(path, lines)
 
 
 def run(cfg, workdir: str | Path, *, progress: bool = True, models=None) -> dict:
@@ -476,9 +476,9 @@ def run(cfg, workdir: str | Path, *, progress: bool = True, models=None) -> dict
 
 
 def _write_json(path: Path, summary: dict) -> None:
-    from blip_jax.eval.runner import _atomic_write
+    from blip_jax.atomic import write_json
 
-    _atomic_write(path, lambda f: f.write((json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()))
+    write_json(path, summary, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------ command line

@@ -6,17 +6,14 @@
     DST/tokenizer.json ...       tokenizer and preprocessor files copied from the source
     DST/conversion.json          provenance: source, architecture, tensors read, ignored keys
 
-Writes are atomic: everything goes into a temporary sibling directory that is renamed into place
-only when complete, so a failed or interrupted write never leaves a half-written DST.
+Writes are atomic (`blip_jax.atomic.directory`): everything goes into a temporary sibling directory
+that is renamed into place only when complete, so a failed or interrupted write never leaves a
+half-written DST.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -32,28 +29,6 @@ PARAMS = "params"
 PARTS = "parts.json"
 PART_BYTES = 256 << 20  # one Orbax checkpoint per ~256 MB of parameters: bounds conversion memory
 TRAINED_MODEL = "model"  # where a training run exports its model: W/model
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | Path, overwrite: bool = False):
-    """Yield a temporary directory that becomes `dst` when the block exits without error."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _writer():

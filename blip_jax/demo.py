@@ -21,7 +21,7 @@ def _log(message: str) -> None:
 
 def run_demo(workdir: str | Path) -> dict:
     import blip_jax
-    from blip_jax.cli import write_json_atomic
+    from blip_jax.atomic import write_json
     from blip_jax.convert import convert
     from blip_jax.convert.verify import compare
     from blip_jax.gallery import write_gallery
@@ -61,7 +61,7 @@ def run_demo(workdir: str | Path) -> dict:
 
     summary = {"results": results, "verify_max_abs_diff": verify, "seconds": round(time.time() - start, 1),
                "models": {k: str(m.path) for k, m in models.items()}}
-    write_json_atomic(workdir / "results.json", summary)
+    write_json(workdir / "results.json", summary)
     gallery = write_gallery(
         workdir / "gallery.html",
         [{"image": r["image"], "lines": [f"caption: {r['caption']}"] +

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from pathlib import Path
+
+from blip_jax.atomic import write_file
 
 _STYLE = """body{font-family:sans-serif;margin:2em;background:#fafafa}
 .grid{display:flex;flex-wrap:wrap;gap:1em}
@@ -26,9 +27,4 @@ def write_gallery(path: str | Path, items: list[dict], title: str) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<div class='grid'>{''.join(cards)}</div></body></html>\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
+    return write_file(path, page)

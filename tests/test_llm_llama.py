@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from blip_jax.convert.mapping import ConversionError
+from blip_jax.models.weights import ConversionError
 from blip_jax.generation import GenerationConfig, generate
 from blip_jax.models.layout import stack_layers
 from blip_jax.models.llm.llama import Llama, LlamaConfig, decode_step, init_cache, load_llama_params

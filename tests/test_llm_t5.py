@@ -11,7 +11,7 @@ from transformers import T5Config as HFT5Config
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from blip_jax.convert.mapping import ConversionError
+from blip_jax.models.weights import ConversionError
 from blip_jax.generation import GenerationConfig, generate
 from blip_jax.models import layers
 from blip_jax.models.layout import stack_layers

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import linen as nn
 
-from blip_jax.convert.mapping import ConversionError
+from blip_jax.models.weights import ConversionError
 from blip_jax.models.qformer import (QFormer, QFormerConfig, load_qformer_params,
                                      param_shapes)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blip_jax import atomic
 from blip_jax.train.objectives import blip as bo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,7 +339,7 @@ def test_fine_tuning_starts_from_pretrained_weights_at_a_new_resolution(tmp_path
 
     source = nn.unbox(init_params(Blip(_tiny_blip_config("pretrain", 32)), jax.random.PRNGKey(0)))
     src_dir = tmp_path / "pretrained"
-    with checkpoint.atomic_directory(src_dir) as tmp:
+    with atomic.directory(src_dir) as tmp:
         checkpoint.write_config(tmp, _tiny_blip_config("pretrain", 32))
         checkpoint.save_params(tmp, jax.device_get(untie(source)))
     tied = jax.device_get(tie(untie(source)))

@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from blip_jax.convert import blip_keys
-from blip_jax.convert.mapping import expected_params, map_weights, rename
+from blip_jax.models.weights import expected_params, map_weights, rename
 from blip_jax.models import qformer
 from blip_jax.models.blip2 import Blip2Config, param_shapes
 from blip_jax.models.config import DTYPES, VisionConfig

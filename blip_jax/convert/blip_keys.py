@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from blip_jax.convert.mapping import rename
+from blip_jax.models.weights import rename
 
 # (pattern on the blip-jax path, replacement giving the transformers module path)
 # The ViT: the same names in BLIP, BLIP-2 and InstructBLIP checkpoints.

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from blip_jax import checkpoint
+from blip_jax import atomic, checkpoint
 from blip_jax.convert import blip2_keys, blip_keys
 from blip_jax.convert.blip2_keys import blip2_config_from_hf
 from blip_jax.convert.hf_config import blip_config_from_hf, read_hf_config
-from blip_jax.convert.mapping import expected_params, map_weights
+from blip_jax.models.weights import expected_params, map_weights
 from blip_jax.convert.reader import CheckpointReader
 from blip_jax.models.blip import param_shapes
 from blip_jax.models.layout import stack_layers
@@ -74,7 +74,7 @@ def convert(src: str | Path, dst: str | Path, *, scan_layers: bool = False, para
         "frozen_dtype": frozen_dtype or param_dtype,
     }
     copied = []
-    with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
+    with atomic.directory(dst, overwrite=overwrite) as tmp:
         checkpoint.save_params(tmp, params, progress=progress)
         checkpoint.write_config(tmp, config)
         for name in SIDE_FILES:

@@ -13,8 +13,6 @@ Outputs of a job: `W/results.json` (metrics plus the settings that produced them
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,17 +20,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from blip_jax.atomic import write_file, write_json
 
 
 def _barrier(name: str) -> None:
@@ -61,10 +49,10 @@ def run_sharded(workdir: str | Path, stage: str, n: int, compute: Callable[[int,
             start, stop = starts[i], min(n, starts[i] + shard_size)
             result = compute(start, stop)
             if isinstance(result, dict):
-                _atomic_write(folder / f"{i:05d}.npz", lambda f: np.savez(f, **result))
+                write_file(folder / f"{i:05d}.npz", lambda f: np.savez(f, **result))
             else:
                 lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result)
-                _atomic_write(folder / f"{i:05d}.jsonl", lambda f: f.write(lines.encode("utf-8")))
+                write_file(folder / f"{i:05d}.jsonl", lines)
             bar.update(stop - start)
     _barrier(f"blip_jax_eval_{stage}")
     return _read_shards(folder, len(starts))
@@ -95,9 +83,9 @@ def write_outputs(workdir: str | Path, task: str, metrics: dict, settings: dict,
     if jax.process_index() != 0:
         return results
     workdir = Path(workdir)
-    _atomic_write(workdir / "results.json", lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    write_json(workdir / "results.json", results)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    _atomic_write(workdir / "predictions.jsonl", lambda f: f.write(lines.encode("utf-8")))
+    write_file(workdir / "predictions.jsonl", lines)
     if gallery:
         from blip_jax.gallery import write_gallery
 

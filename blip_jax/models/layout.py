@@ -30,7 +30,7 @@ def stack_layers(tree: dict) -> dict:
 
 
 class LazyStack:
-    """Stacked lazy weights (`blip_jax.convert.mapping.LazyWeight`), read when materialised."""
+    """Stacked lazy weights (`blip_jax.models.weights.LazyWeight`), read when materialised."""
 
     lazy = True
 

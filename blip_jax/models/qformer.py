@@ -28,7 +28,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from blip_jax.convert.mapping import expected_params, map_weights, rename
+from blip_jax.models.weights import expected_params, map_weights, rename
 from blip_jax.models import layers
 from blip_jax.models.config import TextConfig
 from blip_jax.models.layout import stack_layers

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from blip_jax import checkpoint
+from blip_jax import atomic, checkpoint
 from blip_jax.images import ImageProcessor
 from blip_jax.models.config import BlipConfig
 from blip_jax.text import QFORMER_TOKENIZER
@@ -56,7 +56,7 @@ def export_model(workdir: str | Path, st, task) -> Path:
     params = jax.device_get(params)
     dst = Path(workdir) / MODEL_DIR
     if jax.process_index() == 0:
-        with checkpoint.atomic_directory(dst, overwrite=True) as tmp:
+        with atomic.directory(dst, overwrite=True) as tmp:
             checkpoint.write_config(tmp, st.config)
             checkpoint.save_params(tmp, params)
             _write_side_files(tmp, st, task)

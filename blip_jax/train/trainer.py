@@ -23,7 +23,7 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from blip_jax import checkpoint
+from blip_jax import atomic, checkpoint
 from blip_jax.train import inputs, optim, partition, sharding
 from blip_jax.train import state as state_lib
 from blip_jax.train.export import export_model
@@ -277,9 +277,7 @@ def _data_report(task, data, workdir: Path, step: int) -> dict[str, int]:
     total = add_counts({r: int(n) for r, n in zip(REASONS, counts) if n}, task.source_skipped)
     if jax.process_index() == 0:
         report = {"step": step, "skipped": total, "skipped_total": sum(total.values())}
-        tmp = workdir / "data_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(workdir / "data_report.json")
+        atomic.write_json(workdir / "data_report.json", report)
     return total
 
 
