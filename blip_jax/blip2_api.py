@@ -227,28 +227,35 @@ class Blip2Model(ModelBase):
         (`max_length` and `min_length` included) mean what they mean there. InstructBLIP's paper
         settings: `**blip_jax.INSTRUCT_PAPER`. With `num_return_sequences=k` the k texts of each pair
         are consecutive."""
+        return self._decode_texts(self._generate_ids(images, prompts, generation_options))
+
+    def _generate_ids(self, images, prompts, options: dict) -> np.ndarray:
+        """What `generate` decodes: new token ids [N * num_return_sequences, max_new_tokens]."""
         self._require("generate")
         prompts = as_list(prompts)
-        options = self._as_new_tokens({**self.checkpoint_generation_options(), **generation_options}, prompts)
-        return self._generate(images, prompts, {}, options)
+        options = self._as_new_tokens({**self.checkpoint_generation_options(), **options}, prompts)
+        return self._new_tokens(images, prompts, self._generation_config({}, options))
 
     def _generate(self, images, prompts: list[str], defaults: dict, options: dict) -> list[str]:
-        self._require("generate")
+        """Texts after `prompts` with a task's `defaults` under the caller's `options`."""
+        return self._decode_texts(self._new_tokens(images, prompts, self._generation_config(defaults, options)))
+
+    def _new_tokens(self, images, prompts: list[str], config: generation.GenerationConfig) -> np.ndarray:
         pixels = self.preprocess(images)
         image_index, prompts = pair_up(len(pixels), prompts)
         prefixes = self._prefixes(pixels, image_index, prompts)
-        config = self._generation_config(defaults, options)
-        outputs = []
+        tokens = []
         for start, stop, rows in self._chunks(len(prompts)):
             ids, mask = self._llm_tokens(prompts[start:stop])
-            tokens = generate_tokens(self.config, self.params, self._rows(prefixes[start:stop], rows),
-                                     self._rows(ids, rows), self._rows(mask, rows), config)
-            outputs += self._decode_texts(tokens[: (stop - start) * config.num_return_sequences])
-        return outputs
+            new = generate_tokens(self.config, self.params, self._rows(prefixes[start:stop], rows),
+                                  self._rows(ids, rows), self._rows(mask, rows), config)
+            tokens.append(new[: (stop - start) * config.num_return_sequences])
+        return np.concatenate(tokens)
 
     def caption(self, images, prompt: str | None = None, **generation_options) -> list[str]:
         """Captions: beam 5, 8 to 30 new tokens, after the prompt "a photo of" (InstructBLIP: the
         instruction "A short image description:"), as the papers evaluate; the prompt is not returned."""
+        self._require("caption")
         if prompt is None:
             prompt = CAPTION_PROMPTS["instruct" if self.config.instruct else "blip2"]
         return self._generate(images, [prompt], BLIP2_CAPTION, generation_options)
@@ -256,14 +263,15 @@ class Blip2Model(ModelBase):
     def vqa(self, images, questions, **generation_options) -> list[str]:
         """Short answers with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
         answer:" for Flan-T5 and InstructBLIP) and zero-shot settings (beam 5, <= 10 new tokens)."""
-        template = VQA_TEMPLATES[self._kind]
-        prompts = [template.format(q) for q in as_list(questions)]
+        self._require("vqa")
+        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in as_list(questions)]
         return self._generate(images, prompts, BLIP2_VQA[self._kind], generation_options)
 
     def vqa_rank(self, images, questions, answer_list: Sequence[str], k: int | None = None) -> list[str]:
         """The most likely answer of `answer_list` for each (image, question) pair, by `rank` after
         the paper's VQA prompt. Every candidate is scored: `k` (BLIP's first-token shortlist) is
         accepted for the shared signature and not used."""
+        self._require("vqa")
         prompts = [VQA_TEMPLATES[self._kind].format(q) for q in as_list(questions)]
         scores = self.rank(images, prompts, answer_list)
         return [answer_list[i] for i in scores.argmax(1)]

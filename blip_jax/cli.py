@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 GENERATION_FLAGS = {  # flag -> (type, help); None values are left to the task defaults
@@ -81,19 +80,11 @@ def _read_images(paths: list[str]):
     return good, arrays, skipped
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _emit(args, data) -> None:
     if getattr(args, "output", None):
-        write_json_atomic(args.output, data)
+        from blip_jax.atomic import write_json
+
+        write_json(args.output, data)
     print(json.dumps(data, indent=2))
 
 

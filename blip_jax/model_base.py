@@ -103,15 +103,18 @@ class ModelBase:
     def preprocess(self, images) -> np.ndarray:
         """PIL images, uint8 HxWx3 arrays, file paths or float NHWC pixel_values -> float32 [B, H, W, 3]
         at the vision tower's size."""
-        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
-            pixels = self.image_processor(images)
-        else:
-            pixels = self.image_processor(as_list(images))
+        given = isinstance(images, np.ndarray) and images.dtype.kind == "f"
+        if given:  # checked before the processor's own check, to name the model's size
+            self._check_size(images)
+        pixels = self.image_processor(images if given else as_list(images))
+        self._check_size(pixels)  # a preprocessor_config.json for another size
+        return pixels
+
+    def _check_size(self, pixels: np.ndarray) -> None:
         size = self.config.vision.image_size
-        if pixels.shape[1:3] != (size, size):
+        if pixels.shape[-3:-1] != (size, size):
             raise ValueError(f"pixel_values of shape {pixels.shape} do not fit {self.path or 'this model'}'s "
                              f"vision tower: expected [B, {size}, {size}, 3]")
-        return pixels
 
     def _chunks(self, n: int, progress: bool | None = None, size: int | None = None):
         """(start, stop, padded rows) of each batch of `size` (default: the batch size); rows are a

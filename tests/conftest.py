@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random transformers BLIP checkpoints and their blip-jax conversions."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 # `blip-jax` commands (in process or as subprocesses) keep JAX's compilation cache here, never in ~/.cache.
 os.environ["BLIP_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="blip_jax_test_jax_cache_")
+atexit.register(shutil.rmtree, os.environ["BLIP_JAX_CACHE_DIR"], True)
 
 ARCHITECTURES = ("caption", "retrieval", "vqa")
 

@@ -104,3 +104,41 @@ def test_itm_pairs_sharing_an_image_match_transformers(hf_checkpoint, hf_model, 
     with torch.no_grad():
         theirs = hf_model("retrieval")(**inputs, use_itm_head=True).itm_score[:, 1].numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_caption_sampling_without_num_beams_samples(converted):
+    """The README's sampling call: sampling without a beam count samples, the task's 3 beams do not apply."""
+    captioner = blip_jax.load(converted("caption"))
+    images = sample_images(2)
+    sampled = captioner.caption(images, do_sample=True, top_p=0.9, seed=0, max_new_tokens=6)
+    assert sampled == captioner.caption(images, do_sample=True, top_p=0.9, seed=0, max_new_tokens=6)
+    assert sampled == captioner.caption(images, do_sample=True, top_p=0.9, seed=0, max_new_tokens=6, num_beams=1)
+    with pytest.raises(ValueError, match="beam sampling"):
+        captioner.caption(images, do_sample=True, num_beams=3)
+
+
+@pytest.mark.parametrize("blip2", [False, True])
+def test_missing_preprocessor_config_is_sized_to_the_vision_tower(converted, tmp_path, blip2):
+    import shutil
+
+    from blip_jax.testing import write_tiny_blip2_checkpoint
+
+    if blip2:
+        from blip_jax.convert import convert
+
+        convert(write_tiny_blip2_checkpoint(tmp_path / "hf", "retrieval", image_size=48), tmp_path / "src",
+                progress=False)
+        src = tmp_path / "src"
+    else:
+        src = converted("retrieval")
+    dst = shutil.copytree(src, tmp_path / "bare")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (dst / name).unlink(missing_ok=True)
+    model, reference = blip_jax.load(dst), blip_jax.load(src)
+    size = model.config.vision.image_size
+    assert size != 384 and model.image_processor.size == {"height": size, "width": size}
+    assert model.image_processor.image_mean == reference.image_processor.image_mean
+    images = sample_images(2)
+    np.testing.assert_allclose(model.preprocess(images), reference.preprocess(images))
+    with pytest.raises(ValueError, match=rf"shape \(2, 40, 40, 3\).*expected \[B, {size}, {size}, 3\]"):
+        model.itm(np.zeros((2, 40, 40, 3), np.float32), "a dog")

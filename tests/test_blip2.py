@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import blip_jax
+import blip_jax.api  # noqa: F401 (blip_jax.api.UnsupportedTaskError below)
 from blip_jax.blip2_api import generate_tokens
 from blip_jax.convert import ConversionError, convert
 from blip_jax.models.blip2 import Blip2
@@ -300,3 +301,70 @@ def test_qformer_stage1_masks_and_itg_head(tiny):
     np.testing.assert_allclose(np.asarray(causal), np.asarray(alone), atol=1e-5)
     bidirectional = m.apply({"params": params}, embeds, ids, mask, method=Blip2.query_outputs)[:, :q]
     assert np.abs(np.asarray(bidirectional) - np.asarray(alone)).max() > 1e-3  # ITM's queries do see the text
+
+
+# ------------------------------------------------------------------ generate's defaults (transformers')
+def _hf_generate(hf, inputs, **options):
+    """transformers' new tokens, with its defaults for what `options` leaves out."""
+    with torch.no_grad():
+        out = hf.generate(**inputs, **options).numpy()
+    return out[:, 1:] if hf.config.text_config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+
+
+def _assert_same_tokens(ours, theirs, pad):
+    """transformers crops to the longest row (ours is max_new_tokens wide, padded after the end)."""
+    np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1]:] == pad).all()
+
+
+@pytest.mark.parametrize("kind", LLM_KINDS)
+def test_generate_defaults_and_lengths_are_transformers(tiny, kind):
+    """No options: transformers' defaults (greedy, 20 new tokens; the tiny checkpoints'
+    generation_config.json holds token ids only). max_length counts what transformers counts: the
+    `<image>` tokens and the longest prompt for decoder LLMs, the start token for T5."""
+    src, model, hf = tiny(kind)
+    images = sample_images(3)
+    inputs = _hf_inputs(src, images, PROMPTS)
+    pad, eos = model.tokenizer.pad_token_id, model.config.llm.eos_token_id
+    counted = 1 if _is_t5(model) else inputs["input_ids"].shape[1]
+    for options in ({}, {"num_beams": 3, "max_length": counted + 5}):
+        ours = model._generate_ids(images, PROMPTS, options)
+        theirs = _after_eos(_hf_generate(hf, inputs, **options), eos, pad)
+        assert ours.shape[1] == (20 if not options else 5)
+        _assert_same_tokens(ours, theirs, pad)
+        assert model.generate(images, PROMPTS, **options) == [
+            s.strip() for s in model.tokenizer.batch_decode(theirs, skip_special_tokens=True)]
+
+
+def test_generate_defaults_come_from_generation_config_json(tiny, tmp_path):
+    """A checkpoint whose generation_config.json asks for beam 3 and 6 new tokens (Flan-T5; an
+    explicit eos ends rows early): generate with no options decodes with those settings, as
+    transformers' generate with them does. (transformers' BLIP-2 generate itself does not read the
+    file: its language model keeps its own generation config; so they are passed to it here.)"""
+    import json
+    import shutil
+
+    src, model, hf = tiny("t5")
+    dst = shutil.copytree(model.path, tmp_path / "t5")
+    saved = json.loads((dst / "generation_config.json").read_text())
+    (dst / "generation_config.json").write_text(json.dumps({**saved, "num_beams": 3, "max_new_tokens": MAX_NEW,
+                                                           "length_penalty": 0.5}))
+    configured = blip_jax.load(dst)
+    images = sample_images(3)
+    inputs = _hf_inputs(src, images, PROMPTS)
+    eos, pad = _eos(hf, inputs, 3), model.tokenizer.pad_token_id
+    theirs = _after_eos(_hf_generate(hf, inputs, num_beams=3, max_new_tokens=MAX_NEW, length_penalty=0.5,
+                                     eos_token_id=eos), eos, pad)
+    ours = configured._generate_ids(images, PROMPTS, {"eos_token_id": eos})
+    assert (ours == eos).any() and theirs.shape[1] <= MAX_NEW
+    _assert_same_tokens(ours, theirs, pad)
+    assert not np.array_equal(ours, model._generate_ids(images, PROMPTS, {"eos_token_id": eos}))
+
+
+def test_instruct_paper_preset_is_opt_in(tiny):
+    _, model, _ = tiny("instruct_t5")
+    images = sample_images(2)
+    paper = model.generate(images, PROMPTS[:2], **{**blip_jax.INSTRUCT_PAPER, "max_new_tokens": MAX_NEW})
+    explicit = model.generate(images, PROMPTS[:2], num_beams=5, max_new_tokens=MAX_NEW, min_new_tokens=1,
+                              repetition_penalty=1.5)
+    assert paper == explicit

@@ -70,3 +70,17 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "blip_jax.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("convert", "caption", "itm", "vqa", "demo"):
         assert command in out.stdout
+
+
+def test_commands_fill_the_compilation_cache_and_say_what_they_do(converted, image_files, tmp_path):
+    import os
+
+    cache = tmp_path / "jax_cache"
+    ckpt = str(converted("caption"))
+    run = [sys.executable, "-m", "blip_jax.cli", "caption", "--ckpt", ckpt, image_files[0][0], "--max-new-tokens", "3"]
+    proc = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "BLIP_JAX_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"loading {ckpt}..." in proc.stderr and "compiling and running caption on 1 images..." in proc.stderr
+    assert any(cache.iterdir())  # compiled programs were written for the next call
+    off = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "BLIP_JAX_CACHE_DIR": "off"})
+    assert off.returncode == 0 and json.loads(off.stdout)["results"] == json.loads(proc.stdout)["results"]
