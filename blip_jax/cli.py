@@ -210,7 +210,8 @@ def cmd_data_pack(args) -> int:
 def cmd_score(args) -> int:
     from blip_jax.eval.score import score
 
-    _emit(args, score(args.kind, args.predictions, args.annotations, split=args.split, metric=args.metric))
+    _emit(args, score(args.kind, args.predictions, args.annotations, split=args.split, metric=args.metric,
+                      variant=args.variant))
     return 0
 
 
@@ -223,6 +224,8 @@ def _add_score_command(sub):
     p.add_argument("--annotations", required=True, help="ground-truth annotation file")
     p.add_argument("--split", default="test", help="split of a Karpathy-layout annotation file")
     p.add_argument("--metric", default="vqa", choices=["vqa", "exact_match"], help="vqa: VQA accuracy or GQA's")
+    p.add_argument("--variant", default="official", choices=["official", "lavis"],
+                   help="vqa: the current vqaEval.py rule, or the older one LAVIS reports its numbers with")
     p.add_argument("--output", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_score)
 

@@ -527,3 +527,48 @@ def test_roc_auc_vs_brute_force():
         cm.roc_auc([1, 1], [0.1, 0.2])
     with pytest.raises(ValueError):
         cm.roc_auc([0, 1], [np.nan, 0.2])
+
+
+def _score_cli(*args):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "blip_jax.cli", "score", *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_score_vqa_cli_variant(tmp_path):
+    """`--variant lavis` picks the older rule: "Yes" against ten "yes" scores 0 today, 1 under LAVIS's."""
+    import json
+
+    preds, anns = tmp_path / "preds.json", tmp_path / "anns.json"
+    preds.write_text(json.dumps([{"question_id": 1, "answer": "Yes"}, {"question_id": 2, "answer": "red"}]))
+    anns.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "yes"}] * 10},
+                                                {"question_id": 2, "answers": [{"answer": "red"}] * 10}]}))
+    args = ("vqa", "--predictions", str(preds), "--annotations", str(anns))
+    current, lavis = _score_cli(*args), _score_cli(*args, "--variant", "lavis")
+    expect = {v: vm.score_vqa({"1": "Yes", "2": "red"}, {"1": ["yes"] * 10, "2": ["red"] * 10}, variant=v)["accuracy"]
+              for v in ("official", "lavis")}
+    assert (current["accuracy"], lavis["accuracy"]) == (expect["official"], expect["lavis"]) == (50.0, 100.0)
+
+
+def test_score_caption_cli_without_file_names(tmp_path):
+    """COCO ground truth whose images carry ids only scores as the same file with file names."""
+    import json
+
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"image_id": 1, "caption": "a dog on a beach"},
+                                 {"image_id": 2, "caption": "a red car"}]))
+    annotations = [{"image_id": 1, "id": 10, "caption": "a dog runs on the beach"},
+                   {"image_id": 1, "id": 11, "caption": "a brown dog on sand"},
+                   {"image_id": 2, "id": 12, "caption": "a red car parked on a street"}]
+    scores = {}
+    for name, images in (("ids", [{"id": 1}, {"id": 2}]),
+                         ("files", [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}])):
+        path = tmp_path / f"captions_{name}.json"
+        path.write_text(json.dumps({"images": images, "annotations": annotations}))
+        scores[name] = _score_cli("caption", "--predictions", str(preds), "--annotations", str(path))
+    assert scores["ids"] == scores["files"]
+    assert scores["ids"]["bleu_1"] > 0

@@ -3,11 +3,13 @@ jobs' metric code on predictions made elsewhere.
 
     caption    P: [{"image_id", "caption"}] (COCO results format; JSON or JSON Lines)
                A: any caption layout of `blip_jax.data.annotations` (COCO captions_*.json, LAVIS,
-                  Karpathy with --split); references are grouped by image id
+                  Karpathy with --split); references are grouped by image id (COCO files need
+                  only their annotations' ids and captions, no image file names)
     vqa        P: [{"question_id", "answer"}] (VQA results format)
                A: the official VQA annotations file ({"annotations": [{"question_id", "answers"}]})
                   or LAVIS / JSON Lines records with "question_id" and "answer" lists; --metric
-                  exact_match for GQA
+                  exact_match for GQA; --variant lavis for the older vqaEval.py rule LAVIS
+                  reports with (default: the current one, `blip_jax.eval.vqa_metrics`)
     retrieval  P: .npz with scores_i2t [n_images, n_texts] and scores_t2i [n_texts, n_images]
                A: an evaluation split with every image's captions (the matrices' order)
     choice     P: [{"question_id", "scores": [...]} or {"question_id", "prediction": str}]
@@ -43,15 +45,30 @@ def _annotation_records(path: str | Path, split: str) -> list[dict]:
     return [source[i] for i in range(len(source))]
 
 
+def _caption_references(path: str | Path, split: str) -> dict:
+    """image id (str) -> reference captions. A COCO captions file is read by its annotations alone
+    (scoring needs ids and captions, not image files); other layouts go through the annotation reader."""
+    data = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).suffix == ".json" else None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list) and data["annotations"] and all(
+            isinstance(a, dict) and "image_id" in a and "caption" in a for a in data["annotations"]):
+        refs: dict = {}
+        for a in data["annotations"]:
+            refs.setdefault(str(a["image_id"]), []).append(a["caption"])
+        return refs
+    return {str(r["image_id"]): r["captions"] for r in _annotation_records(path, split) if "captions" in r}
+
+
 def score(kind: str, predictions: str | Path, annotations: str | Path, *, split: str = "test",
-          metric: str = "vqa") -> dict:
+          metric: str = "vqa", variant: str = "official") -> dict:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
     if kind == "caption":
         from blip_jax.eval.caption_metrics import score_captions
 
         preds = {str(p["image_id"]): p["caption"] for p in read_records(predictions)}
-        refs = {r["image_id"]: r["captions"] for r in _annotation_records(annotations, split) if "captions" in r}
+        if not Path(annotations).is_file():
+            raise FileNotFoundError(f"file not found: {annotations}")
+        refs = _caption_references(annotations, split)
         missing = sorted(set(preds) - set(refs))
         if missing:
             raise ValueError(f"{len(missing)} predicted image ids have no references (first: {missing[:3]})")
@@ -67,7 +84,7 @@ def score(kind: str, predictions: str | Path, annotations: str | Path, *, split:
             answers[str(a["question_id"])] = given
         if metric == "exact_match":
             return exact_match_accuracy(preds, {q: answers[q][0] for q in preds})
-        result = score_vqa(preds, {q: answers[q] for q in preds})
+        result = score_vqa(preds, {q: answers[q] for q in preds}, variant=variant)
         return {k: v for k, v in result.items() if not k.startswith("per_question")}
     if kind == "retrieval":
         from blip_jax.eval.retrieval import texts_of
