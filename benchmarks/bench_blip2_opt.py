@@ -9,7 +9,7 @@ loads it with `blip_jax.load` and times, on the same images and prompt:
   greedy   generation after the prompt, num_beams=1   (images/s)
   beam5    generation after the prompt, num_beams=5   (images/s)
 
-JAX runs what `Blip2Model.generate` runs per batch: `_encode_image` + `_language_prefix` +
+JAX runs what `Blip2Model.generate` runs per batch: `encode_image` + `language_prefix` +
 `generate_tokens` (prefill of the soft prompt, then `blip_jax.generation`), the prompt left-padded
 to a multiple of 8 tokens as `Blip2Model._llm_tokens` does. PyTorch runs `model.generate(pixel_values,
 input_ids, attention_mask, ...)` under `torch.inference_mode`, with input_ids = 32 `<image>` tokens +
@@ -189,8 +189,8 @@ def main(argv=None) -> dict:
     import transformers
 
     from blip_jax import generation
-    from blip_jax.api import TEXT_PAD_MULTIPLE
-    from blip_jax.blip2_api import _encode_image, _language_prefix, _pad_width, generate_tokens
+    from blip_jax.batching import TEXT_PAD_MULTIPLE, pad_width
+    from blip_jax.blip2_api import encode_image, generate_tokens, language_prefix
 
     sizes = SMALL if args.small else BASE
     device = args.device_tag or device_name(jax)
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
     hf_ids = np.array([[sizes["image_token_index"]] * n_query + prompt] * b, np.int64)
     hf_ids_t, hf_mask_t = torch.from_numpy(hf_ids), torch.ones(hf_ids.shape, dtype=torch.long)
     # JAX: the prompt alone, left-padded to a multiple of 8 as Blip2Model._llm_tokens does.
-    ids_j, mask_j = _pad_width(np.array([prompt] * b), np.ones((b, len(prompt)), np.int64), cfg.llm.pad_token_id,
+    ids_j, mask_j = pad_width(np.array([prompt] * b), np.ones((b, len(prompt)), np.int64), cfg.llm.pad_token_id,
                                "left")
     print(f"prompt {prompt} ({len(prompt)} tokens; JAX pads it to {ids_j.shape[1]}, a multiple of "
           f"{TEXT_PAD_MULTIPLE}; PyTorch prepends {n_query} <image> tokens)", flush=True)
@@ -268,8 +268,8 @@ def main(argv=None) -> dict:
         gcfg = gen_config(beams, n_new)
 
         def run_jax():  # what Blip2Model.generate runs per batch, minus preprocessing and detokenisation
-            embeds = _encode_image(cfg, params, pixels_j)
-            prefix = _language_prefix(cfg, params, embeds, None, None)
+            embeds = encode_image(cfg, params, pixels_j)
+            prefix = language_prefix(cfg, params, embeds, None, None)
             return generate_tokens(cfg, params, prefix, ids_j, mask_j, gcfg)  # np.ndarray: blocks
 
         def run_torch():
@@ -300,8 +300,8 @@ def main(argv=None) -> dict:
             (_, _, tj), (_, _, tt) = timed_pair(fn_jax, fn_torch, args.warmup, args.iters)
             return dict(jax_ms=1e3 * statistics.median(tj), torch_ms=1e3 * statistics.median(tt))
 
-        embeds_j = _encode_image(cfg, params, pixels_j)
-        prefix_j = _language_prefix(cfg, params, embeds_j, None, None)
+        embeds_j = encode_image(cfg, params, pixels_j)
+        prefix_j = language_prefix(cfg, params, embeds_j, None, None)
         with torch.inference_mode():
             embeds_t = hf.vision_model(pixels_t).last_hidden_state
             image_mask_t = torch.ones(embeds_t.shape[:-1], dtype=torch.long)
@@ -332,8 +332,8 @@ def main(argv=None) -> dict:
             gc = gen_config(beams, new)
             return lambda: generate_tokens(cfg, params, prefix_j, ids_j, mask_j, gc)
 
-        breakdown["vision"] = both(lambda: np.asarray(_encode_image(cfg, params, pixels_j)), torch_vision)
-        breakdown["qformer"] = both(lambda: np.asarray(_language_prefix(cfg, params, embeds_j, None, None)),
+        breakdown["vision"] = both(lambda: np.asarray(encode_image(cfg, params, pixels_j)), torch_vision)
+        breakdown["qformer"] = both(lambda: np.asarray(language_prefix(cfg, params, embeds_j, None, None)),
                                     torch_qformer)
         for task in args.tasks:
             beams = BEAMS[task]

@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
 
     from blip_jax import generation, losses
     from blip_jax.models.layout import stack_layers
-    from blip_jax.api import _encode_image, generate_text
+    from blip_jax.api import encode_image, generate_text
     from blip_jax.models.blip import Blip
 
     sizes = SMALL if args.small else BASE
@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
         prompt = np.full((b, 1), cfg.text.bos_token_id, np.int32)
 
         def run_jax():  # what BlipModel.caption does, minus image preprocessing and detokenisation
-            embeds = _encode_image(cfg, params, pixels_j)
+            embeds = encode_image(cfg, params, pixels_j)
             return generate_text(cfg, params, embeds, None, prompt, gcfg)
 
         def run_torch():

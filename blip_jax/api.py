@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_jax import generation
-from blip_jax.batching import TEXT_PAD_MULTIPLE, as_list, pad_rows, pad_width, pair_up  # noqa: F401 (TEXT_PAD_MULTIPLE: benchmarks)
+from blip_jax.batching import as_list, pad_rows, pad_width, pair_up
 from blip_jax.losses import BLIP_LABEL_SMOOTHING, IGNORE, sequence_cross_entropy
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
@@ -30,7 +30,7 @@ from blip_jax.text import BlipTokenizer
 
 # ------------------------------------------------------------------------- compiled pieces
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_image(config: BlipConfig, params, pixels):
+def encode_image(config: BlipConfig, params, pixels):
     return Blip(config).apply({"params": params}, pixels, method=Blip.encode_image)
 
 
@@ -153,7 +153,7 @@ class BlipModel(ModelBase):
         outputs = []
         for start, stop, rows in self._chunks(len(pixels)):
             chunk = self._rows(pixels[start:stop], rows)
-            image_embeds = _encode_image(self.config, self.params, chunk)
+            image_embeds = encode_image(self.config, self.params, chunk)
             ids = np.broadcast_to(prompt_ids.astype(np.int32), (rows, len(prompt_ids)))
             seqs = generate_text(self.config, self.params, image_embeds, None, ids, config)
             outputs += self._decode_texts(seqs[: (stop - start) * config.num_return_sequences])
@@ -161,7 +161,7 @@ class BlipModel(ModelBase):
 
     def _image_embeds(self, pixels: np.ndarray):
         """ViT tokens of every image [n, 1 + patches, D], encoded once, kept on device."""
-        return jnp.concatenate([_encode_image(self.config, self.params, self._rows(pixels[a:b], r))[: b - a]
+        return jnp.concatenate([encode_image(self.config, self.params, self._rows(pixels[a:b], r))[: b - a]
                                 for a, b, r in self._chunks(len(pixels))])
 
     def vqa(self, images, questions, **generation_options) -> list[str]:

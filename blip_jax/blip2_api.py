@@ -31,12 +31,12 @@ QFORMER_MAX_INSTRUCTION = 128  # InstructBLIP's Q-Former instruction length
 
 # ------------------------------------------------------------------------- compiled pieces
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_image(config: Blip2Config, params, pixels):
+def encode_image(config: Blip2Config, params, pixels):
     return Blip2(config).apply({"params": params}, pixels, method=Blip2.encode_image)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _language_prefix(config: Blip2Config, params, image_embeds, instruction_ids, instruction_mask):
+def language_prefix(config: Blip2Config, params, image_embeds, instruction_ids, instruction_mask):
     return Blip2(config).apply({"params": params}, image_embeds, instruction_ids, instruction_mask,
                                method=Blip2.language_prefix)
 
@@ -174,7 +174,7 @@ class Blip2Model(ModelBase):
 
     def _image_embeds(self, pixels: np.ndarray):
         """ViT tokens after ln_vision of every image [n, 1 + patches, D], encoded once, on device."""
-        return jnp.concatenate([_encode_image(self.config, self.params, self._rows(pixels[a:b], r))[: b - a]
+        return jnp.concatenate([encode_image(self.config, self.params, self._rows(pixels[a:b], r))[: b - a]
                                 for a, b, r in self._chunks(len(pixels))])
 
     def _prefixes(self, pixels: np.ndarray, image_index: np.ndarray, instructions: list[str]):
@@ -190,7 +190,7 @@ class Blip2Model(ModelBase):
                 q_ids, q_mask = pad_width(enc["input_ids"], enc["attention_mask"],
                                            self.qformer_tokenizer.pad_token_id, "right")
                 q_ids, q_mask = self._rows(q_ids, r), self._rows(q_mask, r)
-            prefixes.append(_language_prefix(self.config, self.params, embeds, q_ids, q_mask)[: b - a])
+            prefixes.append(language_prefix(self.config, self.params, embeds, q_ids, q_mask)[: b - a])
         return jnp.concatenate(prefixes)
 
     def _generation_config(self, defaults: dict, options: dict) -> generation.GenerationConfig:

@@ -7,7 +7,7 @@ import torch
 import jax.numpy as jnp
 
 import blip_jax
-from blip_jax.api import _encode_image, generate_text
+from blip_jax.api import encode_image, generate_text
 from blip_jax.generation import GenerationConfig
 from blip_jax.testing import sample_images
 
@@ -56,7 +56,7 @@ def test_captions_match_transformers(hf_checkpoint, converted, hf_model, options
     prompt_ids = inputs["input_ids"].numpy()[:, :-1].copy() if prompt else np.zeros((3, 1), np.int64)
     prompt_ids[:, 0] = text.bos_token_id
     config = GenerationConfig.from_kwargs(**options, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
-    image_embeds = _encode_image(model.config, model.params, jnp.asarray(model.preprocess(images)))
+    image_embeds = encode_image(model.config, model.params, jnp.asarray(model.preprocess(images)))
     ids = generate_text(model.config, model.params, image_embeds, None, prompt_ids.astype(np.int32), config)
     width = ids.shape[1]
     assert ref.shape[1] <= width
