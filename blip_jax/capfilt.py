@@ -510,12 +510,11 @@ def main(argv: list[str]) -> int:
         return 2
     import jax
 
+    from blip_jax import validate
+
+    validate.capfilt(values.config)
     processes.initialize(values)
-    try:
-        summary = run(values.config, values.workdir, progress=values.progress)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"blip-jax capfilt: error: {e}", file=sys.stderr)
-        return 2
+    summary = run(values.config, values.workdir, progress=values.progress)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
     return 0

@@ -302,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from blip_jax import errors
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    return errors.run(command, _dispatch, argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     enable_compilation_cache()
     if argv[:1] == ["train"]:  # absl flags with ml_collections configs (see blip_jax.train.main)
         from blip_jax.train.main import main as train_main
@@ -317,11 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return capfilt_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"blip-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import sys
 
 from absl import flags
 
+from blip_jax.errors import one_line, root_cause
+
 HELP_FLAGS = ("--help", "-h", "--helpfull", "-help")
 
 
@@ -54,7 +56,37 @@ def parse(values: flags.FlagValues, argv: list[str], usage: str, description: st
         return 0
     try:
         values(argv)
-    except flags.Error as e:
-        print(f"{argv[0]}: error: {e}\nusage: {usage}", file=sys.stderr)
-        return 2
+        if values["config"].present:
+            values.config.keys()  # ml_collections loads the file lazily: its errors surface here
+    except Exception as e:  # noqa: BLE001 - the config file and the flags are the user's input
+        message = _flag_error(e, argv)
+        if isinstance(e, flags.Error) and not isinstance(root_cause(e), (KeyError, AttributeError)):
+            print(f"{argv[0]}: error: {message}\nusage: {usage}", file=sys.stderr)
+            return 2
+        raise ValueError(message) from e
     return None
+
+
+def _flag_error(e: Exception, argv: list[str]) -> str:
+    """One line for a flag or config file that could not be read: an override naming no field
+    (with ml_collections' suggestion), a config file that fails to load (its own error)."""
+    inner = root_cause(e)
+    if isinstance(inner, KeyError):  # --config.<path>=v where <path> names no field
+        name = inner.args[0] if inner.args else "?"
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+                     a.split("=")[0].split(".")[-1] == name), f"--config...{name}")
+        hint = next((str(x) for x in _chain(e) if "Did you mean" in str(x)), "")
+        hint = hint[hint.index("Did you mean"):].rstrip("'\"").replace('\\"', '"') if hint else ""
+        return f"{flag}: the config has no field {name!r}" + (f" ({hint})" if hint else "")
+    if isinstance(inner, OSError) and "Failed loading config file" in str(inner):
+        return f"cannot load the config file: {str(inner).strip().splitlines()[-1].strip()}"
+    if isinstance(e, flags.Error) and "Traceback" in str(e):  # get_config raised: its own message
+        flag = next((a for a in argv if a.startswith("--config=")), "--config")
+        return f"{flag}: {one_line(inner)}"
+    return one_line(e)
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__

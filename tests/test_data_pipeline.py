@@ -189,7 +189,7 @@ def test_pack_round_trip_keeps_bytes_and_counts(folder, tmp_path):
     packed = PackedSource(tmp_path / "packed")
     assert len(packed) == len(source) - sum(v for k, v in expected_bad.items() if k != "malformed_json")
     assert len(manifest["shards"]) == -(-len(packed) // 4)
-    assert not list(tmp_path.glob(".packed.tmp-*"))
+    assert not list(tmp_path.glob(".packed.*"))
     originals = {source[i]["image_id"]: source[i] for i in range(len(source))}
     for i in range(len(packed)):
         record = packed[i]

@@ -21,7 +21,10 @@ Every layout becomes the raw records of `records.py`. With `expand_captions=True
 there is one record per caption; otherwise an image's captions stay together under "captions"
 (evaluation). VQA answers carry LAVIS's weights: each distinct answer weighs its share of the
 annotators' answers (entries of `"dataset": "vg"`, BLIP's Visual Genome QA, 0.2 each). Entries without an image or without any text are counted as
-"malformed_json" in `skipped` and left out; image files are only opened in the pipeline.
+"malformed_json" in `skipped` and left out, those whose image path resolves outside `image_root`
+as "outside_root" (`paths.py`: never opened); image files are only opened in the pipeline. Text
+that is not UTF-8 is read with surrogateescape, so the pipeline counts it as bad_text (one record,
+not the file).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from blip_jax.data.paths import Root
 from blip_jax.data.records import add_counts
 
 LAYOUTS = ("lavis", "jsonl", "karpathy", "coco", "vqa", "gqa", "vg_regions")
@@ -178,14 +182,19 @@ class AnnotationSource:
             raise FileNotFoundError(f"image folder not found: {self.image_root}")
         self.skipped: dict[str, int] = {}
         entries, self.layout = self._entries(layout, split, annotations, image_pattern)
+        root = Root(self.image_root)
         self._records = []
         for entry in entries:
             records = _from_entry(entry, expand_captions)
             if records is None:
                 add_counts(self.skipped, {"malformed_json": 1})
                 continue
+            image = root.resolve(records[0]["image"])
+            if image is None:  # never opened (blip_jax.data.paths)
+                add_counts(self.skipped, {"outside_root": len(records)})
+                continue
             for r in records:
-                r["image"] = str(self.image_root / r["image"])
+                r["image"] = image
                 if task:
                     r["task"] = task
             self._records.extend(records)
@@ -198,7 +207,7 @@ class AnnotationSource:
             raise ValueError(f"unknown annotation layout {layout!r}; use auto or one of {', '.join(LAYOUTS)}")
         if layout == "jsonl" or (layout == "auto" and self.path.suffix == ".jsonl"):
             return self._jsonl(), "jsonl"
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
@@ -221,7 +230,7 @@ class AnnotationSource:
 
     def _jsonl(self) -> list:
         entries = []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 if not line.strip():
                     continue

@@ -25,6 +25,7 @@ class RecordCheck:
         self.max_words = max_words
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+        transforms.check_record(record)  # as training's transform (blip_jax.train.inputs.Task) does
         pixels = self.image(transforms.decode_image(record["image"]), rng)
         texts = 0
         if "caption" in record:

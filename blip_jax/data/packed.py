@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from blip_jax.atomic import directory
+from blip_jax.data.paths import Root
 from blip_jax.data.records import BadRecord, add_counts
 
 MAGIC = b"BJR1"
@@ -38,11 +39,20 @@ def encode_record(record: dict, image: bytes) -> bytes:
 
 
 def decode_record(blob: bytes) -> dict:
-    magic, length = _HEADER.unpack_from(blob)
-    if magic != MAGIC:
-        raise ValueError(f"not a blip-jax packed record (magic {magic!r})")
-    start = _HEADER.size
-    record = json.loads(blob[start:start + length].decode("utf-8"))
+    """A packed record; one that cannot be parsed (a damaged shard) comes back marked
+    `transforms.MALFORMED`, so the pipeline skips and counts it instead of stopping."""
+    from blip_jax.data.transforms import MALFORMED
+
+    try:
+        magic, length = _HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            raise ValueError(f"not a blip-jax packed record (magic {magic!r})")
+        start = _HEADER.size
+        record = json.loads(blob[start:start + length].decode("utf-8", errors="surrogateescape"))
+        if not isinstance(record, dict):
+            raise ValueError(f"the header holds a {type(record).__name__}, not a record")
+    except (struct.error, ValueError) as e:
+        return {MALFORMED: f"packed record: {e}", "image": b""}
     record["image"] = bytes(blob[start + length:])
     return record
 
@@ -73,8 +83,16 @@ class PackedSource:
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.path} is not a packed dataset (no {MANIFEST}); "
                                     "make one with `blip-jax data pack`")
-        self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
-        self.shards = [str(self.path / name) for name in self.manifest["shards"]]
+        try:
+            self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
+            names, self.records = list(self.manifest["shards"]), int(self.manifest["records"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest} is not a valid pack manifest ({type(e).__name__}: {e})") from None
+        root = Root(self.path)
+        self.shards = [root.resolve(name) for name in names]
+        outside = [name for name, shard in zip(names, self.shards) if shard is None]
+        if outside:
+            raise ValueError(f"{manifest} names shards outside {self.path}: {outside[:3]}; refusing to read them")
         self._reader = None
 
     def _source(self):
@@ -88,7 +106,7 @@ class PackedSource:
         return {**self.__dict__, "_reader": None}
 
     def __len__(self) -> int:
-        return int(self.manifest["records"])
+        return self.records
 
     def __getitem__(self, index: int) -> dict:
         return decode_record(self._source()[int(index)])
@@ -123,9 +141,6 @@ def pack(source, out_dir: str | os.PathLike, *, records_per_shard: int = 10_000,
         raise FileExistsError(f"{out} exists; choose another directory or pass overwrite")
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     skipped = dict(getattr(source, "skipped", {}) or {})
     shards, written, writer, start = [], 0, None, time.time()
 
@@ -135,7 +150,7 @@ def pack(source, out_dir: str | os.PathLike, *, records_per_shard: int = 10_000,
         except BadRecord as e:
             return e
 
-    try:
+    with directory(out, overwrite=True) as tmp:
         with ThreadPoolExecutor(max(1, threads)) as pool:
             results = _bounded_map(pool, attempt, len(source), window=64 * max(1, threads))
             for result in tqdm(results, total=len(source), desc="pack", unit="rec", disable=not progress):
@@ -154,9 +169,4 @@ def pack(source, out_dir: str | os.PathLike, *, records_per_shard: int = 10_000,
         manifest = {"records": written, "shards": shards, "skipped": skipped, "source": repr(source),
                     "seconds": round(time.time() - start, 2)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest

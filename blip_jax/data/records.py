@@ -24,11 +24,12 @@ from __future__ import annotations
 # Reasons a record is skipped; the summary (`blip-jax data check`, W/data_report.json) counts by these.
 REASONS = (
     "missing_file",  # the image path does not exist
+    "outside_root",  # the image path resolves outside the dataset's root (never opened; data/paths.py)
     "empty_file",  # zero bytes
     "corrupt_image",  # undecodable or truncated image data
     "zero_size_image",  # decodes to width or height 0
     "bad_text",  # empty, whitespace-only or non-string caption / question / answer
-    "malformed_json",  # an annotation line or entry that is not valid JSON or lacks required fields
+    "malformed_json",  # an annotation line, entry or packed record that is not valid JSON or lacks fields
     "truncated_tar_member",  # a WebDataset tar member cut short
     "incomplete_sample",  # a WebDataset sample without an image or without text
 )

@@ -277,12 +277,49 @@ _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
+MAX_TEXT_CHARS = 65_536  # longer than any real caption, question or instruction: refused, not tokenized
+_TEXT_FIELDS = ("caption", "question", "instruction", "output")  # one string each
+_TEXT_LISTS = ("captions", "answers", "choices")  # lists of strings
+
+
 def _require_text(text, what: str) -> str:
+    """The one text rule: a non-empty string of at most MAX_TEXT_CHARS characters that is valid
+    Unicode (a lone surrogate, from a JSON escape or from undecodable bytes read with
+    surrogateescape, cannot be tokenized)."""
     if not isinstance(text, str):
         raise BadRecord("bad_text", f"{what} is {type(text).__name__}, not a string")
     if not text.strip():
         raise BadRecord("bad_text", f"{what} is empty or whitespace only")
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadRecord("bad_text", f"{what} has {len(text)} characters (at most {MAX_TEXT_CHARS})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord("bad_text", f"{what} is not valid Unicode ({e.reason} at character {e.start}: "
+                        "a lone surrogate, or bytes that are not UTF-8)") from None
     return text
+
+
+MALFORMED = "malformed"  # a source's marker for a record it could not parse (the detail as value)
+
+
+def check_record(record: dict) -> dict:
+    """The checks every record passes before its image is decoded (training's transform and
+    `blip-jax data check` both start here): a source's parse failure (`MALFORMED`) and every text
+    by `_require_text`. Returns the record."""
+    if MALFORMED in record:
+        raise BadRecord("malformed_json", str(record[MALFORMED]))
+    for key in _TEXT_FIELDS:
+        if key in record:
+            _require_text(record[key], key)
+    for key in _TEXT_LISTS:
+        if key in record:
+            values = record[key]
+            if not isinstance(values, (list, tuple)):
+                raise BadRecord("bad_text", f"{key} is {type(values).__name__}, not a list of strings")
+            for i, value in enumerate(values):
+                _require_text(value, f"{key}[{i}]")
+    return record
 
 
 def _first_words(text: str, max_words: int) -> str:

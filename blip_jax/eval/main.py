@@ -58,6 +58,9 @@ def main(argv: list[str]) -> int:
         return 2
     import jax
 
+    from blip_jax import validate
+
+    validate.evaluation(FLAGS.config)
     processes.initialize(FLAGS)
     results = run(FLAGS.config, FLAGS.ckpt, FLAGS.workdir, progress=FLAGS.progress)
     if jax.process_index() == 0:

@@ -94,6 +94,7 @@ class Task:
 
     def transform(self, record: dict, rng: np.random.Generator, *, train: bool = True) -> dict:
         """One raw record -> model inputs; raises BadRecord for unusable records."""
+        transforms.check_record(record)  # as `blip-jax data check` does
         if "caption" not in record and record.get("captions"):  # unexpanded: one caption per visit
             record = {**record, "caption": record["captions"][int(rng.integers(len(record["captions"])))]}
         image = transforms.decode_image(record["image"])

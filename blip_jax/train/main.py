@@ -37,7 +37,10 @@ def main(argv: list[str]) -> int:
         return 2
     import jax
 
+    from blip_jax import validate
+
     processes.initialize(FLAGS)
+    validate.train(FLAGS.config, jax.device_count(), jax.process_count(), paths=not FLAGS.dry_run)
     from blip_jax.train import trainer
 
     if FLAGS.dry_run:
