@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_jax import generation
-from blip_jax.batching import as_list, pad_rows, pad_width, pair_up
+from blip_jax.batching import pad_rows, pad_width, pair_up, texts_of
 from blip_jax.losses import BLIP_LABEL_SMOOTHING, IGNORE, sequence_cross_entropy
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
@@ -168,7 +168,7 @@ class BlipModel(ModelBase):
         """Open-ended answers (beam 3, <= 10 new tokens by default), one per (image, question) pair."""
         self._require("vqa")
         pixels = self.preprocess(images)
-        image_index, questions = pair_up(len(pixels), as_list(questions))
+        image_index, questions = pair_up(len(pixels), texts_of(questions, "questions"))
         image_embeds = self._image_embeds(pixels)
         config = self._generation_config(BLIP_VQA, generation_options)
         answers = []
@@ -198,9 +198,9 @@ class BlipModel(ModelBase):
         as `vqa_rank` uses them."""
         self._require("vqa")
         pixels = self.preprocess(images)
-        image_index, questions = pair_up(len(pixels), as_list(questions))
+        image_index, questions = pair_up(len(pixels), texts_of(questions, "questions"))
         image_embeds = self._image_embeds(pixels)
-        enc = self.tokenizer(list(answer_list), padding="longest", truncation=True,
+        enc = self.tokenizer(texts_of(list(answer_list), "answer_list"), padding="longest", truncation=True,
                              max_length=self.config.text.max_position_embeddings)
         answer_ids = np.asarray(enc["input_ids"], np.int32).copy()
         answer_ids[:, 0] = self.config.text.bos_token_id  # [CLS] answer [SEP] -> [DEC] answer [SEP]

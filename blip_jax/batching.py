@@ -59,6 +59,21 @@ def as_list(x) -> list:
     return list(x)
 
 
+def texts_of(value, name: str) -> list[str]:
+    """`value` (one text or a list) as a list of non-empty strings; otherwise a ValueError naming
+    the argument and the entry (an empty text would be scored as if it said something)."""
+    out = as_list(value)
+    if not out:
+        raise ValueError(f"{name} is empty: give at least one text")
+    for i, text in enumerate(out):
+        where = name if len(out) == 1 else f"{name}[{i}]"
+        if not isinstance(text, str):
+            raise ValueError(f"{where} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(f"{where} is an empty text: give words to score")
+    return out
+
+
 def pair_up(n_images: int, texts: list) -> tuple[np.ndarray, list]:
     """(image index of each pair, text of each pair): one to one, or a single image or a single
     text broadcast. Images are indexed, not copied, so each is encoded once."""

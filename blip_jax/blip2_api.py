@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_jax import generation
-from blip_jax.batching import TEXT_PAD_MULTIPLE, as_list, pad_rows, pad_width, pair_up
+from blip_jax.batching import TEXT_PAD_MULTIPLE, as_list, pad_rows, pad_width, pair_up, texts_of
 from blip_jax.model_base import ModelBase
 from blip_jax.models.blip2 import Blip2, Blip2Config
 from blip_jax.models.config import DTYPES
@@ -264,7 +264,7 @@ class Blip2Model(ModelBase):
         """Short answers with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
         answer:" for Flan-T5 and InstructBLIP) and zero-shot settings (beam 5, <= 10 new tokens)."""
         self._require("vqa")
-        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in as_list(questions)]
+        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in texts_of(questions, "questions")]
         return self._generate(images, prompts, BLIP2_VQA[self._kind], generation_options)
 
     def vqa_rank(self, images, questions, answer_list: Sequence[str], k: int | None = None) -> list[str]:
@@ -272,8 +272,8 @@ class Blip2Model(ModelBase):
         the paper's VQA prompt. Every candidate is scored: `k` (BLIP's first-token shortlist) is
         accepted for the shared signature and not used."""
         self._require("vqa")
-        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in as_list(questions)]
-        scores = self.rank(images, prompts, answer_list)
+        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in texts_of(questions, "questions")]
+        scores = self.rank(images, prompts, texts_of(list(answer_list), "answer_list"))
         return [answer_list[i] for i in scores.argmax(1)]
 
     def rank(self, images, prompts, candidates: Sequence[str]) -> np.ndarray:
@@ -284,7 +284,7 @@ class Blip2Model(ModelBase):
         pixels = self.preprocess(images)
         image_index, prompts = pair_up(len(pixels), as_list(prompts))
         prefixes = self._prefixes(pixels, image_index, prompts)
-        candidates = list(candidates)
+        candidates = texts_of(list(candidates), "candidates")
         t5 = self.config.family.encoder_decoder
         cand = self.tokenizer(candidates, padding="longest", add_special_tokens=t5, padding_side="right")
         scores = np.zeros((len(prompts), len(candidates)), np.float32)

@@ -25,8 +25,8 @@ the batch padded to `batch_size` rows: captions depend only on (seed, shard_size
 data, not on which process computed them, nor on the device count as long as it divides
 `batch_size` (a model pads a batch to a multiple of its devices, which changes the random stream). The shards hold scores, not
 decisions: rerunning with another `threshold`, `mode` or `top_k` re-decides without recomputing
-anything. Settings that change the scores are recorded in `W/shards/capfilt.json`; a rerun with
-different ones is refused (use a new workdir).
+anything. The models (path and content fingerprint) and the settings that change the scores are
+recorded in `W/job.json` (`blip_jax.jobs`); a rerun with others is refused (use a new workdir).
 
 Outputs in W (process 0):
 
@@ -256,26 +256,20 @@ def load_models(cfg, workdir: str | Path):
     return captioner, filter_model
 
 
-def _check_fingerprint(workdir: Path, cfg, captioner, filter_model) -> None:
-    """Refuse to mix shards computed with other score settings (see module docstring)."""
+def _claim(workdir: Path, cfg, captioner, filter_model) -> None:
+    """Refuse to mix shards computed by other models or score settings (blip_jax.jobs)."""
     import jax
 
-    settings = _settings(cfg)
-    fingerprint = {k: settings.get(k) for k in SCORE_SETTINGS}
-    fingerprint["captioner"], fingerprint["filter"] = str(captioner.path), str(filter_model.path)
-    path = workdir / "shards" / f"{STAGE}.json"
-    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-    if old == fingerprint:
-        return
-    folder = workdir / "shards" / STAGE
-    if old is not None and folder.exists() and any(folder.glob("[0-9]*.jsonl")):
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        raise ValueError(f"{workdir} holds CapFilt shards made with other settings ({', '.join(changed)}); "
-                         f"use a new workdir, or delete {workdir / 'shards'} to recompute everything")
-    if jax.process_index() == 0:
-        from blip_jax.atomic import write_json
+    from blip_jax import jobs
 
-        write_json(path, fingerprint)
+    settings = _settings(cfg)
+    identity = {"job": "capfilt",
+                "models": {"captioner": jobs.model_identity(captioner.path),
+                           "filter": jobs.model_identity(filter_model.path)},
+                "settings": {k: settings.get(k) for k in SCORE_SETTINGS if k not in ("captioner", "filter")}}
+    folder = workdir / "shards" / STAGE
+    jobs.claim(workdir, identity, has_outputs=folder.is_dir() and any(folder.glob("[0-9]*.jsonl")),
+               write=jax.process_index() == 0)
 
 
 def _caption_options(cfg) -> dict:
@@ -430,7 +424,7 @@ def run(cfg, workdir: str | Path, *, progress: bool = True, models=None) -> dict
     captioner, filter_model = models if models is not None else load_models(cfg, workdir)
     data = dict(cfg.data)
     source = build_source(data)
-    _check_fingerprint(workdir, cfg, captioner, filter_model)
+    _claim(workdir, cfg, captioner, filter_model)
     kind = data.get("kind", "synthetic")
     n = len(source)
     folder = workdir / "shards" / STAGE

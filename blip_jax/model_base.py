@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blip_jax import checkpoint
-from blip_jax.batching import as_list, bucket, pad_rows, pair_up, shared_rows, slots
+from blip_jax.batching import as_list, bucket, pad_rows, pair_up, shared_rows, slots, texts_of
 from blip_jax.images import ImageProcessor
 
 # What each architecture of each family serves: the one registry every "unsupported" error reads.
@@ -165,7 +165,7 @@ class ModelBase:
         """Match probability of each (image, text) pair [N]; one image or one text is broadcast."""
         self._require("itm")
         pixels = self.preprocess(images)
-        image_index, texts = pair_up(len(pixels), as_list(texts))
+        image_index, texts = pair_up(len(pixels), texts_of(texts, "texts"))
         return np.asarray(jax.nn.softmax(self._itm_rows(self._image_embeds(pixels), image_index, texts), -1)[:, 1])
 
     def image_embeddings(self, images) -> np.ndarray:
@@ -176,7 +176,7 @@ class ModelBase:
         """ITM match logit (the "match" class, before softmax) of each (image_embeddings[image_index[i]],
         texts[i]) pair [N]: what retrieval evaluation re-ranks with."""
         self._require("itm")
-        return self._itm_rows(image_embeddings, np.asarray(image_index), list(texts))[:, 1]
+        return self._itm_rows(image_embeddings, np.asarray(image_index), texts_of(list(texts), "texts"))[:, 1]
 
     def features_of(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Unit-norm ITC features of already encoded images (see `image_features`)."""
@@ -192,7 +192,7 @@ class ModelBase:
     def text_features(self, texts) -> np.ndarray:
         """Unit-norm ITC text features [n_texts, embed_dim]."""
         self._require("itc")
-        texts = as_list(texts)
+        texts = texts_of(texts, "texts")
         feats = []
         for a, b, r in self._chunks(len(texts)):
             ids, mask = self._tokenize(texts[a:b])

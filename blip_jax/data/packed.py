@@ -34,7 +34,9 @@ _HEADER = struct.Struct("<4sI")
 
 
 def encode_record(record: dict, image: bytes) -> bytes:
-    header = json.dumps({k: v for k, v in record.items() if k != "image"}, ensure_ascii=False).encode("utf-8")
+    # surrogatepass: a text that is not valid Unicode travels as it is, for the pipeline to count as bad_text
+    header = json.dumps({k: v for k, v in record.items() if k != "image"}, ensure_ascii=False).encode(
+        "utf-8", errors="surrogatepass")
     return _HEADER.pack(MAGIC, len(header)) + header + image
 
 
@@ -48,7 +50,7 @@ def decode_record(blob: bytes) -> dict:
         if magic != MAGIC:
             raise ValueError(f"not a blip-jax packed record (magic {magic!r})")
         start = _HEADER.size
-        record = json.loads(blob[start:start + length].decode("utf-8", errors="surrogateescape"))
+        record = json.loads(blob[start:start + length].decode("utf-8", errors="surrogatepass"))
         if not isinstance(record, dict):
             raise ValueError(f"the header holds a {type(record).__name__}, not a record")
     except (struct.error, ValueError) as e:

@@ -28,6 +28,7 @@ REASONS = (
     "empty_file",  # zero bytes
     "corrupt_image",  # undecodable or truncated image data
     "zero_size_image",  # decodes to width or height 0
+    "image_too_large",  # more pixels than PIL's decompression-bomb bound (never decoded)
     "bad_text",  # empty, whitespace-only or non-string caption / question / answer
     "malformed_json",  # an annotation line, entry or packed record that is not valid JSON or lacks fields
     "truncated_tar_member",  # a WebDataset tar member cut short

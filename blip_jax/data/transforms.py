@@ -78,10 +78,20 @@ def _read_file(path: str) -> bytes:
         raise BadRecord("missing_file", f"{path}: {e.strerror or e}") from None
 
 
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own bound (it only warns up to twice this): above it, a decompression bomb
+
+
 def _open_fully(encoded: bytes, name: str) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(encoded))
+        image = Image.open(io.BytesIO(encoded))  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise BadRecord("image_too_large", f"{name}: {image.width}x{image.height} pixels (at most "
+                            f"{MAX_IMAGE_PIXELS}): a decompression bomb, or a scan no model input needs")
         image.load()  # decode every pixel now: truncated data fails here, not later in a transform
+    except BadRecord:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadRecord("image_too_large", f"{name}: {e}") from None
     except Exception as e:  # PIL plugins raise OSError, SyntaxError, ValueError, EOFError, ... on bad data
         if _header_says_zero_size(encoded):
             raise BadRecord("zero_size_image", name) from None

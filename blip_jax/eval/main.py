@@ -42,7 +42,13 @@ def run(cfg, ckpt: str, workdir: str, *, progress: bool = True) -> dict:
 
     import blip_jax
 
+    from blip_jax import jobs
+    from blip_jax.eval.runner import has_outputs
+
     model = blip_jax.load(ckpt, batch_size=cfg.batch_size)
+    settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "gallery"}  # gallery: display only
+    identity = {"job": "eval", "models": {"model": jobs.model_identity(model.path)}, "settings": settings}
+    jobs.claim(workdir, identity, has_outputs=has_outputs(workdir), write=jax.process_index() == 0)
     model.use_mesh(Mesh(np.array(jax.local_devices()), ("data",)))
     return evaluator(cfg.task)(model, cfg, workdir, progress=progress)
 

@@ -6,7 +6,8 @@ Each finished shard is written atomically to `W/shards/<stage>/<i>.npz` (arrays)
 (records), so a killed job skips what it finished when rerun. After a barrier every process reads
 all shards back, in order.
 
-Outputs of a job: `W/results.json` (metrics plus the settings that produced them),
+A workdir holds one job's outputs (`blip_jax.jobs`: W/job.json names the model and settings; a
+rerun with others is refused). Outputs: `W/results.json` (metrics, settings and models),
 `W/predictions.jsonl`, `W/gallery.html`, TensorBoard scalars in `W/tensorboard`.
 """
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 
 from blip_jax.atomic import write_file, write_json
+from blip_jax.jobs import JOB_FILE
 
 
 def _barrier(name: str) -> None:
@@ -74,10 +76,20 @@ def _read_shards(folder: Path, count: int):
     return [r for p in parts for r in p]
 
 
+def has_outputs(workdir: str | Path) -> bool:
+    """Whether `workdir` holds an evaluation's shards or results (blip_jax.jobs guards them)."""
+    workdir = Path(workdir)
+    shards = workdir / "shards"
+    return (workdir / "results.json").exists() or (shards.is_dir() and any(shards.rglob("[0-9]*.*")))
+
+
 def write_outputs(workdir: str | Path, task: str, metrics: dict, settings: dict, predictions: list[dict],
                   gallery: list[dict] | None = None, seconds: float | None = None) -> dict:
     """results.json, predictions.jsonl, gallery.html and TensorBoard scalars (process 0 only)."""
-    results = {"task": task, "metrics": metrics, "settings": settings, "num_predictions": len(predictions),
+    job = Path(workdir) / JOB_FILE  # the models that produced these results (blip_jax.jobs)
+    models = json.loads(job.read_text(encoding="utf-8")).get("models") if job.is_file() else None
+    results = {"task": task, "metrics": metrics, "settings": settings, "models": models,
+               "num_predictions": len(predictions),
                "seconds": None if seconds is None else round(seconds, 2),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if jax.process_index() != 0:

@@ -141,6 +141,23 @@ def _checkpoint_manager(workdir: Path, cfg) -> ocp.CheckpointManager:
                                  item_names=("state", "data"))
 
 
+def _restore(manager: ocp.CheckpointManager, step: int, target) -> dict:
+    """Checkpoint `step`; a damaged one (a truncated part, a missing _METADATA) is refused naming the
+    step, with the previous checkpoint offered."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds for a damaged file
+        from blip_jax.errors import one_line
+
+        where = Path(manager.directory) / str(step)
+        earlier = [s for s in manager.all_steps() if s < step]
+        offer = (f"delete {where} to resume from the previous checkpoint, step {max(earlier)}" if earlier else
+                 "no earlier checkpoint is left: start fresh with a new --workdir")
+        raise ValueError(f"checkpoint step {step} in {where.parent} cannot be restored "
+                         f"({type(e).__name__}: {one_line(e)[:300]}); {offer}") from e
+
+
 def _save_frozen(workdir: Path, frozen: dict, cfg):
     """Frozen parameters are written once per run (or referenced to the converted checkpoint)."""
     path = state_lib.frozen_dir(workdir)
@@ -183,7 +200,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) the training job `cfg` in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    _claim(workdir, cfg)
+    atomic.write_file(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     st, task, step_fn, _ = setup(cfg, mesh)
     data = task.iterator(process_index=jax.process_index(), process_count=jax.process_count())
@@ -192,9 +210,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     total = int(cfg.total_steps)
     latest = manager.latest_step()
     if latest is not None:  # resume: trainable state, optimizer, rng and data position
-        target = abstract_like(st.train)
-        restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                   data=ocp.args.JsonRestore()))
+        restored = _restore(manager, latest, abstract_like(st.train))
         st.train = restored["state"]
         inputs.restore_iterator(data, restored["data"])
         st.frozen = _restore_frozen(workdir, st.frozen)
@@ -261,6 +277,29 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         if bar is not None:
             bar.close()
     return last
+
+
+# Fields a resumed run may change: how long it runs and how it logs, not what it computes.
+RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing",
+                     "report", "nonfinite")
+
+
+def _claim(workdir: Path, cfg) -> None:
+    """Resume only the run that wrote `workdir` (blip_jax.jobs): the same initial model and the same
+    settings, except RESUMABLE_CHANGES."""
+    from blip_jax import jobs
+
+    settings = json.loads(cfg.to_json_best_effort())
+    for name in RESUMABLE_CHANGES:
+        settings.pop(name, None)
+    models = {}
+    if cfg.model.init_from:
+        init = checkpoint.model_dir(cfg.model.init_from)
+        settings["model"]["init_from"] = str(Path(init).resolve())
+        models["init_from"] = jobs.model_identity(init)
+    checkpoints = workdir / "checkpoints"
+    jobs.claim(workdir, {"job": "train", "models": models, "settings": settings},
+               has_outputs=checkpoints.is_dir() and any(checkpoints.iterdir()), write=jax.process_index() == 0)
 
 
 def _data_report(task, data, workdir: Path, step: int) -> dict[str, int]:
