@@ -287,3 +287,41 @@ def test_in_memory_images_and_blip2_filter(runs, tmp_path):
     thumbs = sorted(p.name for p in (tmp_path / "w" / "gallery_images").glob("*.png"))
     assert thumbs == [f"{i:08d}.png" for i in range(5)]
     shutil.rmtree(tmp_path / "w")
+
+
+def test_a_sigkilled_job_resumes_to_the_same_outputs_and_refuses_another_model(runs, data, converted, tmp_path):
+    """SIGKILL once the first shard is written; the rerun computes only the rest and writes what an
+    uninterrupted run wrote. Another captioner is then refused (blip_jax.jobs), the outputs untouched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = _overrides(data, converted)
+    workdir = tmp_path / "killed"
+    argv = ["capfilt", "--config=" + str(ROOT / "configs" / "capfilt.py") + ":tiny", f"--workdir={workdir}",
+            "--noprogress"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "blip_jax.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first_shard = workdir / "shards" / "capfilt" / "00000.jsonl"
+    deadline = time.time() + 300
+    while not first_shard.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (workdir / "summary.json").exists()
+    done = sorted(p.name for p in first_shard.parent.glob("[0-9]*.jsonl"))
+    assert 1 <= len(done) < 3
+    resumed = subprocess.run([sys.executable, "-m", "blip_jax.cli", *argv], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _snapshot(workdir)
+    assert after["summary"]["shards"]["computed_this_run"] == 3 - len(done)
+    assert after["all_bytes"] == runs["first"]["all_bytes"] and after["cleaned_bytes"] == runs["first"]["cleaned_bytes"]
+    other = subprocess.run([sys.executable, "-m", "blip_jax.cli", *argv,
+                            f"--config.captioner={converted('caption', True)}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode == 2 and "holds outputs of another capfilt" in other.stderr, other.stderr[-2000:]
+    assert "models.captioner.fingerprint" in other.stderr and "Traceback" not in other.stderr
+    assert (workdir / "all.jsonl").read_bytes() == after["all_bytes"]
