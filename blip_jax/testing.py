@@ -335,3 +335,18 @@ def write_caption_folder(root: str | os.PathLike, *, seed: int = 0, size: int = 
 
     path.write_text(json.dumps(entries))
     return {"annotations": str(path), "image_root": str(images), "good": good, "skipped": skipped}
+
+
+def write_tar(path: str | os.PathLike, members: list[tuple[str, bytes]]) -> dict:
+    """A tar of `members` (name, bytes), in order, for WebDataset tests; returns name -> (header
+    offset, data offset, size), so a test can cut a member short."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset, m.offset_data, m.size) for m in tar}

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from blip_jax.data.webdataset import WebDatasetSource
+from blip_jax.testing import write_tar
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -21,17 +22,6 @@ def encoded(fmt: str, value: int, size=(3, 2)) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(out, format=fmt)
     return out.getvalue()
-
-
-def write_tar(path, members):
-    """members: list of (name, bytes), written in order; returns {name: (data offset, size)}."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(path) as tar:
-        return {m.name: (m.offset, m.offset_data, m.size) for m in tar}
 
 
 def sample(key, image=None, ext="jpg", text=None, meta=None):

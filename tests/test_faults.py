@@ -1,6 +1,6 @@
 """The fault suite: bad input never stops a run, never reads outside its root, never mixes results.
 
-Part 1 (data): for every source kind (JSON list, JSON Lines, WebDataset, packed), a dataset mixing
+Part 1 (data): for every source kind (JSON list, JSON Lines, WebDataset, packed, TFDS), a dataset mixing
 good records with every kind of bad one listed in FAULTS goes through the training transform for one
 epoch: exactly the good records arrive, every bad one is counted under its reason, nothing outside
 the root is opened, and `blip-jax data check` counts the same. A `blip-jax train` run on it completes.
@@ -15,7 +15,6 @@ import os
 import struct
 import subprocess
 import sys
-import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 from blip_jax.data import pipeline, transforms
 from blip_jax.data.check import check
 from blip_jax.data.sources import build_source
+from blip_jax.testing import write_tar
 from blip_jax.train import inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,16 +223,6 @@ def test_outside_root_paths_are_never_opened(faults):
 
 
 # ------------------------------------------------------------------ WebDataset
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> dict:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(path) as tar:
-        return {m.name: (m.offset, m.offset_data, m.size) for m in tar}
-
-
 WDS_BAD = {  # key -> (members, reason)
     "b00": ([("b00.jpg", b""), ("b00.txt", b"empty image")], "empty_file"),
     "b01": ([("b01.jpg", GOOD_IMAGE[:300]), ("b01.txt", b"truncated image")], "corrupt_image"),
@@ -265,8 +255,8 @@ def wds(tmp_path_factory):
         expected[reason] += 1
     members += [("../../escape.jpg", GOOD_IMAGE), ("../../escape.txt", b"a member named outside")]
     good.append("shard-00000/../../escape")  # a member's name is only a key: nothing is extracted
-    _tar(d / "shard-00000.tar", members)
-    offsets = _tar(d / "shard-00001.tar", [("g20.jpg", GOOD_IMAGE), ("g20.txt", b"kept"),
+    write_tar(d / "shard-00000.tar", members)
+    offsets = write_tar(d / "shard-00001.tar", [("g20.jpg", GOOD_IMAGE), ("g20.txt", b"kept"),
                                            ("t21.jpg", GOOD_IMAGE * 3), ("t21.txt", b"cut short")])
     good.append("shard-00001/g20")
     _, data_offset, size = offsets["t21.jpg"]
@@ -323,6 +313,56 @@ def test_packed_manifest_naming_files_outside_is_refused(tmp_path):
     (tmp_path / "p" / "pack.json").write_text("{truncated")
     with pytest.raises(ValueError, match="not a valid pack manifest"):
         PackedSource(tmp_path / "p")
+
+
+# ------------------------------------------------------------------ TFDS
+TFDS_BAD_TEXTS = {"t_empty": "", "t_blank": "   ", "t_tab_newline": "\t\n", "t_punctuation": "... ;;",
+                  "t_huge": "w" * 70_000, "t_not_utf8": b"\xff\xfe\xc3 bytes", "t_huge_words": "word " * 20_000}
+TFDS_BAD_IMAGES = {**{f"i_{name}": data for name, (data, _) in BAD_FILES.items()},
+                   "i_zero_height.png": _png_header(16, 0), "i_header_only.jpg": GOOD_IMAGE[:200]}
+
+
+@pytest.fixture(scope="module")
+def tfds_faults(tmp_path_factory):
+    """A prepared TFDS dataset (TFDS stores image bytes as given): good examples and bad ones."""
+    import tensorflow_datasets as tfds
+
+    good = {f"g{i}": (_jpeg(30 * i), f"good example {i}") for i in range(5)}
+    examples = {**good, **{k: (GOOD_IMAGE, v) for k, v in TFDS_BAD_TEXTS.items()},
+                **{k: (v, "a caption for a bad image") for k, v in TFDS_BAD_IMAGES.items()}}
+
+    class FaultCaps(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text(),
+                "image/id": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for key, (image, caption) in examples.items():
+                yield key, {"image": io.BytesIO(image), "caption": caption, "image/id": key}
+
+    d = tmp_path_factory.mktemp("tfds_faults")
+    FaultCaps(data_dir=d, file_format="array_record").download_and_prepare()
+    reasons = {name: reason for name, (_, reason) in BAD_FILES.items()}
+    expected = Counter(reasons[k[2:]] if k[2:] in reasons else "zero_size_image" if "zero" in k else "corrupt_image"
+                       for k in TFDS_BAD_IMAGES)
+    expected["bad_text"] += len(TFDS_BAD_TEXTS)
+    return {"data_dir": str(d), "good": sorted(good), "expected": dict(expected)}
+
+
+def test_tfds_delivers_exactly_the_good_examples(tfds_faults):
+    spec = {"kind": "tfds", "tfds_name": "fault_caps", "data_dir": tfds_faults["data_dir"]}
+    ids, counts = _one_epoch(spec)
+    assert sorted(ids) == tfds_faults["good"]
+    assert counts == tfds_faults["expected"]
+    assert len(TFDS_BAD_TEXTS) + len(TFDS_BAD_IMAGES) >= 15
+    result = check(spec, image_size=32, augment="eval", batch_size=4, progress=False)
+    assert result["delivered"] == len(ids) and result["skipped"] == counts
 
 
 # ------------------------------------------------------------------ a real run
