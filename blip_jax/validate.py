@@ -186,7 +186,10 @@ def evaluation(cfg) -> None:
     for field in ("batch_size", "shard_size", "max_words", "itm_shard_pairs", "rank_k"):
         _int(cfg, field)
     _int(cfg, "gallery", 0)
-    source(cfg)
+    if cfg.task == "classification":  # a folder of class folders
+        _path(cfg, "data.path", "dir")
+    else:
+        source(cfg)
 
 
 def capfilt(cfg) -> None:

@@ -378,3 +378,16 @@ def test_blip_jax_train_on_the_fault_folder_completes(faults, tmp_path):
     report = json.loads((workdir / "data_report.json").read_text())
     assert report["skipped_total"] > 0 and set(report["skipped"]) <= set(faults["expected"])
     assert (workdir / "model" / "config.json").is_file()
+
+
+def test_a_class_folder_symlink_out_of_the_root_is_left_out(tmp_path):
+    from blip_jax.eval.classification import folder_records
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.jpg").write_bytes(GOOD_IMAGE)
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "cat" / "a.jpg").write_bytes(GOOD_IMAGE)
+    os.symlink(tmp_path / "outside" / "secret.jpg", tmp_path / "classes" / "cat" / "b.jpg")
+    os.symlink(tmp_path / "classes" / "cat" / "a.jpg", tmp_path / "classes" / "cat" / "c.jpg")
+    classes, records = folder_records(tmp_path / "classes")
+    assert classes == ["cat"] and [Path(r["image"]).name for r in records] == ["a.jpg", "a.jpg"]

@@ -262,3 +262,16 @@ def test_blip2_rank_refuses_an_empty_candidate(tmp_path):
         model.rank(sample_images(1), "Question: what? Answer:", ["yes", ""])
     with pytest.raises(ValueError, match=r"questions is an empty text"):
         model.vqa(sample_images(1), "")
+
+
+def test_eval_and_capfilt_configs_are_validated_first(tmp_path):
+    eval_cfg = f"--config={ROOT / 'configs' / 'eval' / 'caption.py'}:coco"
+    one_line_error(blip_jax("eval", eval_cfg, "--ckpt=/no/model", f"--workdir={tmp_path}", "--config.shard_size=0"),
+                   "config.shard_size")
+    one_line_error(blip_jax("eval", eval_cfg, "--ckpt=/no/model", f"--workdir={tmp_path}"), "config.data.path")
+    classes = f"--config={ROOT / 'configs' / 'eval' / 'classification.py'}"
+    one_line_error(blip_jax("eval", classes, "--ckpt=/no/model", f"--workdir={tmp_path}",
+                            f"--config.data.path={tmp_path / 'none'}"), "config.data.path")
+    capfilt_cfg = f"--config={ROOT / 'configs' / 'capfilt.py'}:tiny"
+    one_line_error(blip_jax("capfilt", capfilt_cfg, f"--workdir={tmp_path}", "--config.top_p=2.0"), "config.top_p")
+    one_line_error(blip_jax("capfilt", capfilt_cfg, f"--workdir={tmp_path}", "--config.mode=best"), "config.mode")

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
+from blip_jax.data.paths import Root
 from blip_jax.eval import runner
 from blip_jax.eval.inputs import load_pixels
 
@@ -24,9 +26,12 @@ def folder_records(root: str | Path) -> tuple[list[str], list[dict]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class subdirectories")
-    records = [{"image": str(p), "label": c} for c, name in enumerate(classes)
-               for p in sorted((root / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    return classes, records
+    inside = Root(root)  # a symlink out of the folder is left out, never opened (blip_jax.data.paths)
+    found = [(inside.resolve(str(p)), c) for c, name in enumerate(classes)
+             for p in sorted((root / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if any(path is None for path, _ in found):
+        logging.warning("%d images of %s resolve outside it: left out", sum(p is None for p, _ in found), root)
+    return classes, [{"image": path, "label": c} for path, c in found if path is not None]
 
 
 def class_features(model, classes: list[str], templates) -> np.ndarray:
