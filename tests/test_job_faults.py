@@ -6,6 +6,8 @@
 - a killed conversion's leftovers are removed by the next one
 - unreadable weight files: one line naming the file; legacy torch.save files convert
 - empty texts are refused by itm / itc / vqa / rank (API and CLI)
+- SIGKILL between training checkpoints, mid-evaluation, mid-conversion (CapFilt: test_capfilt.py),
+  then the same command: the outputs of an uninterrupted run
 """
 
 from __future__ import annotations
@@ -275,3 +277,52 @@ def test_eval_and_capfilt_configs_are_validated_first(tmp_path):
     capfilt_cfg = f"--config={ROOT / 'configs' / 'capfilt.py'}:tiny"
     one_line_error(blip_jax("capfilt", capfilt_cfg, f"--workdir={tmp_path}", "--config.top_p=2.0"), "config.top_p")
     one_line_error(blip_jax("capfilt", capfilt_cfg, f"--workdir={tmp_path}", "--config.mode=best"), "config.mode")
+
+
+# ------------------------------------------------------------------ SIGKILL, then the same command again
+def _kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Start `blip-jax cmd`, SIGKILL it as soon as `ready()` holds (it must not have finished)."""
+    proc = subprocess.Popen([sys.executable, "-m", "blip_jax.cli", *map(str, cmd)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _model_params(directory: Path) -> list[np.ndarray]:
+    import jax
+
+    import blip_jax as bj
+
+    return [np.asarray(x) for x in jax.tree.leaves(bj.load(directory).params)]
+
+
+def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_model(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    steps = ["--config.total_steps=60", "--config.checkpoint_every=4", "--config.log_every=4"]
+    assert _train(whole, *steps).returncode == 0
+    args = ["train", STAGE1, f"--workdir={killed}", "--config.report=False", *steps]
+    _kill_when(args, lambda: (killed / "checkpoints" / "4").is_dir())
+    assert not (killed / "model").exists()
+    resumed = _train(killed, *steps)
+    assert resumed.returncode == 0 and "resumed from step" in resumed.stderr, resumed.stderr[-2000:]
+    for a, b in zip(_model_params(whole / "model"), _model_params(killed / "model")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_evaluation_killed_mid_job_resumes_to_the_same_results(eval_data, converted, tmp_path):
+    args = ["eval", f"--config={ROOT / 'configs' / 'eval' / 'caption.py'}:coco", "--noprogress",
+            f"--ckpt={converted('caption')}", "--config.data.kind=json", f"--config.data.path={eval_data / 'captions.json'}",
+            f"--config.data.image_root={eval_data / 'images'}", "--config.batch_size=1", "--config.shard_size=1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert blip_jax(*args, f"--workdir={whole}").returncode == 0
+    shards = killed / "shards" / "captions"
+    _kill_when([*args, f"--workdir={killed}"], lambda: shards.is_dir() and any(shards.glob("[0-9]*.jsonl")))
+    assert len(list(shards.glob("[0-9]*.jsonl"))) < 4 and not (killed / "results.json").exists()
+    assert blip_jax(*args, f"--workdir={killed}").returncode == 0
+    ours, reference = (json.loads((w / "results.json").read_text()) for w in (killed, whole))
+    assert ours["metrics"] == reference["metrics"]
+    assert (killed / "predictions.jsonl").read_text() == (whole / "predictions.jsonl").read_text()
