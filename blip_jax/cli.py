@@ -89,8 +89,21 @@ def _emit(args, data) -> None:
 
 
 def cmd_convert(args) -> int:
-    from blip_jax.convert import convert
+    from blip_jax.convert import convert, convert_lavis
 
+    if args.lavis:
+        from blip_jax.convert.lavis import parse_heads
+
+        if not args.tokenizer:
+            raise ValueError("--lavis needs --tokenizer DIR: the BERT (bert-base-uncased) tokenizer directory "
+                             "the checkpoint was trained with")
+        if args.verify:
+            raise ValueError("--verify compares with a transformers model; a LAVIS checkpoint has none")
+        report = convert_lavis(args.src, args.dst, args.lavis, tokenizer=args.tokenizer,
+                               heads=parse_heads(args.heads), scan_layers=args.scan_layers,
+                               param_dtype=args.param_dtype, overwrite=args.overwrite)
+        _emit(args, report)
+        return 0
     report = convert(args.src, args.dst, scan_layers=args.scan_layers, param_dtype=args.param_dtype,
                      frozen_dtype=args.frozen_dtype, overwrite=args.overwrite)
     if args.verify:
@@ -257,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a transformers BLIP / BLIP-2 / InstructBLIP model directory")
-    p.add_argument("src", help="transformers model directory (config.json + safetensors or pytorch_model.bin)")
+    p = sub.add_parser("convert", help="convert a transformers BLIP / BLIP-2 / InstructBLIP model directory, "
+                       "or a LAVIS BLIP .pth (--lavis)")
+    p.add_argument("src", help="transformers model directory (config.json + safetensors or pytorch_model.bin), "
+                   "or a LAVIS .pth with --lavis")
     p.add_argument("dst", help="blip-jax model directory to create")
     p.add_argument("--scan-layers", action="store_true", help="store layer stacks stacked, for nn.scan")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -268,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="run the transformers model beside the converted one and print max abs differences")
     p.add_argument("--output", help="also write the report to this JSON file")
+    p.add_argument("--lavis", metavar="MODEL_TYPE", help="SRC is a LAVIS .pth of this arch/type, e.g. "
+                   "blip_caption/base_coco (BLIP classes: blip_caption, blip_retrieval, blip_vqa, blip_pretrain, "
+                   "blip_feature_extractor)")
+    p.add_argument("--tokenizer", help="--lavis: the BERT tokenizer directory (vocab.txt); [DEC] / [ENC] are added")
+    p.add_argument("--heads", help="--lavis: head counts the tensors cannot show, e.g. vision=16,text=12 "
+                   "(default: 64-wide heads, as every released BLIP)")
     p.set_defaults(func=cmd_convert)
 
     def model_command(name, help_text, func):

@@ -1,6 +1,6 @@
-"""`blip-jax convert`: transformers checkpoints -> blip-jax model directories."""
+"""`blip-jax convert`: transformers checkpoints and LAVIS `.pth` files -> blip-jax model directories."""
 
-from blip_jax.convert.converter import convert
+from blip_jax.convert.converter import convert, convert_lavis
 from blip_jax.models.weights import ConversionError
 
-__all__ = ["ConversionError", "convert"]
+__all__ = ["ConversionError", "convert", "convert_lavis"]

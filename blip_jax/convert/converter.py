@@ -8,6 +8,7 @@ gathered and reported together in one error, and nothing is written then.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from blip_jax.convert.hf_config import blip_config_from_hf, read_hf_config
 from blip_jax.models.weights import expected_params, map_weights
 from blip_jax.convert.reader import CheckpointReader
 from blip_jax.models.blip import param_shapes
+from blip_jax.models import tying
 from blip_jax.models.layout import stack_layers
 from blip_jax.text import QFORMER_TOKENIZER
 
@@ -58,25 +60,11 @@ def convert(src: str | Path, dst: str | Path, *, scan_layers: bool = False, para
         if scan_layers:
             params = stack_layers(params)
 
-    leaves = jax.tree.leaves(params)
-    tensors, parameters = len(leaves), int(sum(np.size(x) for x in leaves))
-    del leaves
-    report = {
-        "source": str(src.absolute()),
-        "model_type": config.to_dict()["model_type"],
-        "architecture": config.architecture,
-        "hf_architectures": hf.get("architectures"),
-        "tensors": tensors,
-        "parameters": parameters,
-        "ignored_keys": ignored,
-        "scan_layers": scan_layers,
-        "param_dtype": param_dtype,
-        "frozen_dtype": frozen_dtype or param_dtype,
-    }
-    copied = []
-    with atomic.directory(dst, overwrite=overwrite) as tmp:
-        checkpoint.save_params(tmp, params, progress=progress)
-        checkpoint.write_config(tmp, config)
+    report = _report(src, config, params, ignored, scan_layers, param_dtype, frozen_dtype)
+    report["hf_architectures"] = hf.get("architectures")
+
+    def side_files(tmp: Path) -> list[str]:
+        copied = []
         for name in SIDE_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
@@ -85,7 +73,77 @@ def convert(src: str | Path, dst: str | Path, *, scan_layers: bool = False, para
             shutil.copytree(src / QFORMER_TOKENIZER, tmp / QFORMER_TOKENIZER)
             copied.append(QFORMER_TOKENIZER + "/")
         shutil.copy2(src / "config.json", tmp / "hf_config.json")
-        report["files"] = copied
+        return copied
+
+    return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)
+
+
+def _report(src: Path, config, params, ignored, scan_layers, param_dtype, frozen_dtype) -> dict:
+    leaves = jax.tree.leaves(params)
+    return {
+        "source": str(src.absolute()),
+        "model_type": config.to_dict()["model_type"],
+        "architecture": config.architecture,
+        "tensors": len(leaves),
+        "parameters": int(sum(np.size(x) for x in leaves)),
+        "ignored_keys": ignored,
+        "scan_layers": scan_layers,
+        "param_dtype": param_dtype,
+        "frozen_dtype": frozen_dtype or param_dtype,
+    }
+
+
+def _write(dst: Path, params, config, report: dict, side_files, start: float, *, overwrite: bool,
+           progress: bool) -> dict:
+    """The model directory: parameters, config, the files `side_files(tmp)` adds, conversion.json."""
+    with atomic.directory(dst, overwrite=overwrite) as tmp:
+        checkpoint.save_params(tmp, params, progress=progress)
+        checkpoint.write_config(tmp, config)
+        report["files"] = side_files(tmp)
         report["seconds"] = round(time.time() - start, 2)
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenizer: str | Path,
+                  heads: dict | None = None, scan_layers: bool = False, param_dtype: str = "float32",
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert a LAVIS BLIP `.pth` (`blip_jax.convert.lavis`) into `dst`; `tokenizer` is the BERT
+    tokenizer directory (its vocab.txt: [DEC] and [ENC] are added after it, as LAVIS adds them)."""
+    from blip_jax.convert import lavis
+    from blip_jax.images import ImageProcessor
+    from blip_jax.text import BlipTokenizer
+
+    src, dst = Path(src), Path(dst)
+    start = time.time()
+    arch, architecture = lavis.parse_model_type(model_type)
+    if not (Path(tokenizer) / "vocab.txt").is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no vocab.txt (a bert-base-uncased tokenizer directory)")
+    tok = BlipTokenizer.from_vocab(Path(tokenizer) / "vocab.txt")
+    state = lavis.load_state_dict(src)
+    config = lavis.blip_config(state, architecture, tok, heads).replace(param_dtype=param_dtype)
+    unused = lavis.MOMENTUM_AND_QUEUES.pattern + "|" + blip_keys.IGNORED.pattern
+    if architecture != "pretrain":  # the ITC temperature is a pre-training parameter here
+        unused += r"|^temp$"
+    if arch == "blip_feature_extractor":  # read from a pre-training checkpoint: its decoder is unused
+        unused += r"|^text_decoder\."
+    if architecture == "pretrain":  # the tied decoder: its shared tensors are the encoder's, stored once
+        unused += r"|^text_decoder\.bert\."
+    shapes = tying.stored_form(config, param_shapes(config))  # pre-training's tied decoder: stored once
+    flat, ignored = map_weights(lavis.RenamedTensors(state), expected_params(shapes),
+                                blip_keys.hf_key, what=f"{src} does not match LAVIS {model_type}",
+                                ignore=re.compile(unused), progress=progress)
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    if scan_layers:
+        params = stack_layers(params)
+        config = config.replace(scan_layers=True)
+    report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
+    report["lavis_model_type"] = model_type
+
+    def side_files(tmp: Path) -> list[str]:
+        tok.save(tmp)
+        size = config.vision.image_size
+        ImageProcessor(size={"height": size, "width": size}).save(tmp)
+        return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+
+    return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)

@@ -1,0 +1,154 @@
+"""The authors' LAVIS `.pth` checkpoints (BLIP classes) read as blip-jax models.
+
+    blip-jax convert model_base_caption_capfilt_large.pth DST --lavis blip_caption/large_coco --tokenizer BERT_DIR
+
+A LAVIS checkpoint is `{"model": state_dict}` (or the bare state dict) with no config: every size is
+read from the tensors (widths, depths, MLP widths, image size, patch, vocabulary, ITC width); head
+counts, which tensors cannot show, come from the model type (64-wide heads, as every released BLIP)
+unless `heads` says otherwise. LAVIS's own numerics are config facts: the timm ViT's layer norms
+at eps 1e-6, [ENC] opening image-grounded text (ITM, VQA questions), [DEC] the decoder's first
+token. The ViT's timm names are renamed to the transformers ones the BLIP weight map reads, so one
+mapping (`blip_keys`) serves both sources. Momentum encoders and queues are left out (reported).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
+
+# LAVIS arch (the part of MODEL_TYPE before "/") -> blip-jax BLIP architecture
+BLIP_CLASSES = {"blip_caption": "caption", "blip_retrieval": "retrieval", "blip_vqa": "vqa",
+                "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval"}
+LAVIS_VIT_EPS = 1e-6  # timm's ViT in LAVIS (transformers' BLIP config says 1e-5)
+HEAD_WIDTH = 64  # every released BLIP: ViT-B 768/12, ViT-L 1024/16, BERT-base 768/12
+
+# timm ViT names (LAVIS) -> transformers' BLIP vision names
+_VIT = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+]
+# What a LAVIS checkpoint holds that no blip-jax BLIP parameter is: momentum copies, queues, buffers.
+MOMENTUM_AND_QUEUES = re.compile(r"(_m\.|_m$|^(image|text|idx)_queue$|^queue_ptr$)")
+
+
+def parse_model_type(model_type: str) -> tuple[str, str]:
+    """"blip_caption/large_coco" -> ("blip_caption", "caption"); other classes are refused by name."""
+    arch = model_type.split("/")[0]
+    if arch not in BLIP_CLASSES:
+        raise ValueError(f"--lavis {model_type!r}: unknown or not yet supported LAVIS class {arch!r}; supported: "
+                         f"{', '.join(sorted(BLIP_CLASSES))} (as arch/type, e.g. blip_caption/base_coco)")
+    return arch, BLIP_CLASSES[arch]
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """The state dict of a LAVIS `.pth` (`torch.load(weights_only=True)`, memory-mapped)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing {path}: it holds pickled objects, not only tensors (torch.load with "
+                         f"weights_only=True: {str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {str(e).strip().splitlines()[0][:300]}") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"{path} is not a LAVIS checkpoint: expected {{'model': state_dict}} or a state dict")
+    return state
+
+
+class RenamedTensors:
+    """A LAVIS state dict seen under transformers' BLIP names (the mapping `map_weights` reads)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+        self.names = {self._rename(k): k for k in state}
+
+    @staticmethod
+    def _rename(key: str) -> str:
+        for pattern, replacement in _VIT:
+            if re.search(pattern, key):
+                return re.sub(pattern, replacement, key)
+        return key
+
+    def keys(self):
+        return list(self.names)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.names
+
+    def __getitem__(self, key: str):
+        return self.state[self.names[key]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[self.names[key]].shape)
+
+
+def _layers(state: dict, prefix: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def _heads(width: int, given: int | None, what: str) -> int:
+    heads = given or width // HEAD_WIDTH
+    if not heads or width % heads:
+        raise ValueError(f"{what}: width {width} does not split into heads; give --heads {what}=N")
+    return heads
+
+
+def blip_config(state: dict, architecture: str, tokenizer, heads: dict | None = None) -> BlipConfig:
+    """The blip-jax config the tensors describe (module docstring)."""
+    heads = heads or {}
+    need = ["visual_encoder.cls_token", "visual_encoder.pos_embed", "visual_encoder.patch_embed.proj.weight",
+            "visual_encoder.blocks.0.mlp.fc1.weight"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"not a LAVIS BLIP checkpoint: no {', '.join(missing)}")
+    width = state["visual_encoder.cls_token"].shape[-1]
+    patch = state["visual_encoder.patch_embed.proj.weight"].shape[-1]
+    grid = round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
+    vision = VisionConfig(hidden_size=width, intermediate_size=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
+                          num_layers=_layers(state, "visual_encoder.blocks."),
+                          num_heads=_heads(width, heads.get("vision"), "vision"), image_size=grid * patch,
+                          patch_size=patch, layer_norm_eps=LAVIS_VIT_EPS)
+    text = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in state else "text_decoder.bert."
+    if text + "embeddings.word_embeddings.weight" not in state:
+        raise ValueError("not a LAVIS BLIP checkpoint: no text_encoder.* or text_decoder.bert.* embeddings")
+    vocab, hidden = state[text + "embeddings.word_embeddings.weight"].shape
+    if vocab != len(tokenizer):
+        raise ValueError(f"the checkpoint's text vocabulary has {vocab} tokens, the tokenizer {len(tokenizer)} "
+                         "(LAVIS's is bert-base-uncased plus [DEC] and [ENC]): give its --tokenizer")
+    text_config = TextConfig(
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=state[text + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_layers=_layers(state, text + "encoder.layer."), num_heads=_heads(hidden, heads.get("text"), "text"),
+        max_position_embeddings=state[text + "embeddings.position_embeddings.weight"].shape[0],
+        encoder_hidden_size=width, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.sep_token_id, enc_token_id=tokenizer.enc_token_id)
+    embed_dim = state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256
+    return BlipConfig(architecture=architecture, vision=vision, text=text_config, embed_dim=embed_dim)
+
+
+def parse_heads(text: str | None) -> dict:
+    """"vision=16,text=12" -> {"vision": 16, "text": 12}."""
+    out = {}
+    for part in filter(None, (text or "").split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in ("vision", "text") or not value.strip().isdigit():
+            raise ValueError(f"--heads {text!r}: expected vision=N,text=N")
+        out[name.strip()] = int(value)
+    return out

@@ -1,0 +1,164 @@
+"""LAVIS `.pth` checkpoints of the BLIP classes, converted with `blip-jax convert --lavis`, compute
+what LAVIS computes on them.
+
+The fixtures in tests/fixtures/lavis_blip were written by LAVIS 1.0.2 itself (../shared/lavis,
+`make_fixtures.py OUT --only blip --variant blipjax --seed 3`): tiny random models of each class,
+their `.pth` files and LAVIS's outputs on 4 images (reference.npz / reference.json). No LAVIS is
+needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blip_jax
+from blip_jax import generation
+from blip_jax.api import encode_image, generate_text
+from blip_jax.models.blip import Blip
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "lavis_blip"
+TOKENIZER = FIXTURES / "bert_tokenizer"
+MODEL_TYPES = {"blip_caption": "blip_caption/base_coco", "blip_retrieval": "blip_retrieval/coco",
+               "blip_vqa": "blip_vqa/vqav2", "blip_pretrain": "blip_pretrain/base",
+               "blip_feature_extractor": "blip_feature_extractor/base"}
+CHECKPOINT = {name: FIXTURES / ("blip_pretrain" if name == "blip_feature_extractor" else name) / "model.pth"
+              for name in MODEL_TYPES}
+ATOL = 1e-4
+
+
+def convert(name: str, dst: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(CHECKPOINT[name]), str(dst),
+                           "--lavis", MODEL_TYPES[name], "--tokenizer", str(TOKENIZER), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def lavis(tmp_path_factory):
+    """name -> (converted model, LAVIS's reference.json, reference.npz, NHWC pixels)."""
+    root = tmp_path_factory.mktemp("lavis")
+    out = {}
+    for name in MODEL_TYPES:
+        done = convert(name, root / name, "--heads", "vision=4,text=3")
+        assert done.returncode == 0, done.stderr[-3000:]
+        ref = json.loads((FIXTURES / name / "reference.json").read_text())
+        arrays = np.load(FIXTURES / name / "reference.npz")
+        out[name] = (blip_jax.load(root / name), ref, arrays, arrays["pixel_values"].transpose(0, 2, 3, 1))
+    return out
+
+
+def _close(ours, theirs, what: str):
+    diff = float(np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)).max())
+    print(f"{what}: max |blip-jax - LAVIS| = {diff:.2e}")
+    assert diff < ATOL, (what, diff)
+
+
+def _decoder_logits(model, image_embeds, texts, first_token):
+    """Teacher-forced decoder logits of `texts` ([CLS] -> `first_token`, padded to the longest)."""
+    enc = model.tokenizer(texts, padding="longest", truncation=True, max_length=20)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    ids[:, 0] = first_token
+    mask = np.asarray(enc["attention_mask"], np.int32)
+    from blip_jax.models import tying
+
+    params = tying.applied_form(model.config, model.params)
+    logits, _ = Blip(model.config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                         jnp.asarray(image_embeds), method=Blip.decode)
+    return np.asarray(logits)
+
+
+def test_caption_equals_lavis(lavis):
+    model, ref, arrays, pixels = lavis["blip_caption"]
+    embeds = model.image_embeddings(pixels)
+    _close(embeds, arrays["image_embeds"], "caption image embeds")
+    logits = _decoder_logits(model, embeds, ref["train_texts"], model.config.text.bos_token_id)
+    _close(logits, arrays["decoder_logits"], "caption decoder logits")
+    prompt = ref["prompt"]
+    prompt_ids = model.tokenizer([prompt])["input_ids"][0][:-1].copy()
+    prompt_ids[0] = model.config.text.bos_token_id
+    kwargs = ref["generate_kwargs"]
+    for beams in (1, 3):
+        theirs = np.asarray(ref["generate"][f"beam{beams}"]["ids"])
+        config = generation.GenerationConfig.from_kwargs(
+            num_beams=beams, max_new_tokens=kwargs["max_length"] - len(prompt_ids),
+            min_new_tokens=max(0, kwargs["min_length"] - len(prompt_ids)), repetition_penalty=1.0,
+            eos_token_id=model.config.text.sep_token_id, pad_token_id=model.config.text.pad_token_id)
+        ids = np.broadcast_to(prompt_ids.astype(np.int32), (len(pixels), len(prompt_ids)))
+        ours = generate_text(model.config, model.params, encode_image(model.config, model.params, pixels), None,
+                             ids, config)
+        np.testing.assert_array_equal(np.asarray(ours)[:, : theirs.shape[1]], theirs)
+        texts = model.caption(pixels, prompt=prompt, num_beams=beams, max_new_tokens=config.max_new_tokens,
+                              min_new_tokens=0, repetition_penalty=1.0, length_penalty=1.0)
+        assert [t[len(prompt):] for t in texts] == ref["generate"][f"beam{beams}"]["text"]  # LAVIS cuts by characters
+
+
+def test_retrieval_equals_lavis(lavis):
+    model, ref, arrays, pixels = lavis["blip_retrieval"]
+    _close(model.image_embeddings(pixels), arrays["image_embeds"], "retrieval image embeds")
+    _close(model.itc(pixels, ref["texts"]), arrays["itc_sim"], "retrieval ITC similarity")
+    probs = np.stack([model.itm([image], ref["texts"]) for image in pixels])
+    _close(probs, arrays["itm_prob_all_pairs"], "retrieval ITM probability ([ENC])")
+    embeds = model.image_embeddings(pixels)
+    pairs = np.array([(i, t) for i in range(4) for t in range(4)])
+    logits = model.match_logits(embeds, pairs[:, 0], [ref["texts"][t] for t in pairs[:, 1]])
+    _close(logits, arrays["itm_logits_all_pairs"][..., 1].reshape(-1), "retrieval ITM match logits")
+
+
+def test_feature_extractor_from_the_pretraining_checkpoint_equals_lavis(lavis):
+    model, ref, arrays, pixels = lavis["blip_feature_extractor"]
+    _close(model.image_embeddings(pixels), arrays["image_embeds"], "feature extractor image embeds")
+    _close(model.image_features(pixels), arrays["image_embeds_proj"][:, 0], "feature extractor image features")
+    _close(model.text_features(ref["texts"]), arrays["text_embeds_proj"][:, 0], "feature extractor text features")
+    _close(model.itc(pixels, ref["texts"]), arrays["itc_sim"], "feature extractor ITC")
+
+
+def test_vqa_equals_lavis(lavis):
+    model, ref, arrays, pixels = lavis["blip_vqa"]
+    _close(model.image_embeddings(pixels), arrays["image_embeds"], "vqa image embeds")
+    for beams in (1, 3):
+        answers = model.vqa(pixels, ref["questions"], num_beams=beams, max_new_tokens=9, min_new_tokens=0)
+        assert answers == ref[f"generate_beam{beams}"]["answers"]
+    rank = ref["rank"]
+    assert model.vqa_rank(pixels, ref["questions"], rank["answer_list"], k=rank["num_ans_candidates"]) == rank["answers"]
+
+
+def test_pretraining_checkpoint_equals_lavis(lavis):
+    model, ref, arrays, pixels = lavis["blip_pretrain"]
+    embeds = model.image_embeddings(pixels)
+    _close(embeds, arrays["image_embeds"], "pretrain image embeds")
+    _close(model.image_features(pixels), arrays["image_feat"], "pretrain image features")
+    _close(model.text_features(ref["texts"]), arrays["text_feat"], "pretrain text features")
+    logits = _decoder_logits(model, embeds, ref["texts"], model.config.text.bos_token_id)
+    width = logits.shape[1]
+    _close(logits, arrays["decoder_logits"][:, :width], "pretrain decoder logits (tied decoder)")
+    assert model.config.text.enc_token_id == model.tokenizer.enc_token_id
+
+
+def test_a_checkpoint_of_another_class_or_unreadable_is_one_line(tmp_path):
+    from blip_jax.testing import sample_images  # noqa: F401 (the package is importable without LAVIS)
+
+    wrong = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(CHECKPOINT["blip_retrieval"]),
+                            str(tmp_path / "o"), "--lavis", "blip_caption/base_coco", "--tokenizer", str(TOKENIZER),
+                            "--heads", "vision=4,text=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "does not match LAVIS blip_caption/base_coco" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "o").exists()
+    unknown = convert("blip_caption", tmp_path / "o2")
+    assert unknown.returncode == 2 and "heads" in unknown.stderr  # width 48: no 64-wide heads
+    import torch
+
+    torch.save({"model": {"x": torch.zeros(1)}, "hook": np.random.default_rng(0)}, tmp_path / "evil.pth")
+    evil = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(tmp_path / "evil.pth"),
+                           str(tmp_path / "o3"), "--lavis", "blip_caption/base_coco", "--tokenizer", str(TOKENIZER)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert evil.returncode == 2 and "pickled objects" in evil.stderr and "Traceback" not in evil.stderr
+    other = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(CHECKPOINT["blip_caption"]),
+                            str(tmp_path / "o4"), "--lavis", "blip2_opt/pretrain_opt2.7b", "--tokenizer",
+                            str(TOKENIZER)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "not yet supported" in other.stderr
