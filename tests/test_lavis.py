@@ -162,3 +162,65 @@ def test_a_checkpoint_of_another_class_or_unreadable_is_one_line(tmp_path):
                             str(tmp_path / "o4"), "--lavis", "blip2_opt/pretrain_opt2.7b", "--tokenizer",
                             str(TOKENIZER)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "not yet supported" in other.stderr
+
+
+# ------------------------------------------------------------------ the training objectives' losses
+def _loss_config(model, **more):
+    from ml_collections import ConfigDict
+
+    from blip_jax.losses import BLIP_LABEL_SMOOTHING
+
+    return ConfigDict({"bos_token_id": model.config.text.bos_token_id,
+                       "blip_lm_label_smoothing": BLIP_LABEL_SMOOTHING, "prompt_length": 0, **more})
+
+
+def _tokens(model, texts, length: int = 20):
+    enc = model.tokenizer(texts, padding="max_length", truncation=True, max_length=length)
+    return jnp.asarray(np.asarray(enc["input_ids"], np.int32)), jnp.asarray(np.asarray(enc["attention_mask"], np.int32))
+
+
+def _relative(ours, theirs, what):
+    rel = abs(float(ours) - float(theirs)) / abs(float(theirs))
+    print(f"{what}: blip-jax {float(ours):.6f}, LAVIS {float(theirs):.6f}, relative difference {rel:.1e}")
+    assert rel < 1e-5, (what, float(ours), float(theirs))
+
+
+def test_caption_loss_equals_lavis(lavis):
+    from blip_jax.train.objectives import blip as objectives
+
+    model, ref, arrays, pixels = lavis["blip_caption"]
+    ids, mask = _tokens(model, ref["train_texts"])
+    cfg = _loss_config(model, prompt_length=ref["prompt_length"])
+    assert len(model.tokenizer.encode(ref["prompt"])) - 1 == ref["prompt_length"]  # how training sets it
+    loss, _, _ = objectives.caption(Blip(model.config), model.params, {"pixels": jnp.asarray(pixels), "text_ids": ids,
+                                                                       "text_mask": mask}, jax_key(), cfg, {})
+    _relative(loss, arrays["loss_lm"][0], "caption LM loss")
+
+
+def test_vqa_loss_equals_lavis(lavis):
+    from blip_jax.train.objectives import blip as objectives
+
+    model, ref, arrays, pixels = lavis["blip_vqa"]
+    samples = ref["train_samples"]
+    q_ids, q_mask = _tokens(model, ref["questions"])
+    k = max(samples["n_answers"])
+    answer_ids = np.zeros((4, k, 10), np.int32)
+    answer_mask = np.zeros((4, k, 10), np.int32)
+    weights = np.zeros((4, k), np.float32)
+    start = 0
+    for q, n in enumerate(samples["n_answers"]):
+        for j in range(n):
+            ids, mask = _tokens(model, [samples["answer"][start + j]], 10)
+            answer_ids[q, j], answer_mask[q, j], weights[q, j] = ids[0], mask[0], samples["weight"][start + j]
+        start += n
+    batch = {"pixels": jnp.asarray(pixels), "question_ids": q_ids, "question_mask": q_mask,
+             "answer_ids": jnp.asarray(answer_ids), "answer_mask": jnp.asarray(answer_mask),
+             "answer_weights": jnp.asarray(weights)}
+    loss, _, _ = objectives.vqa(Blip(model.config), model.params, batch, jax_key(), _loss_config(model), {})
+    _relative(loss, arrays["loss"][0], "VQA loss")
+
+
+def jax_key():
+    import jax
+
+    return jax.random.PRNGKey(0)
