@@ -224,3 +224,50 @@ def jax_key():
     import jax
 
     return jax.random.PRNGKey(0)
+
+
+def _contrastive_case(lavis, name: str):
+    """(objective, model, params, batch, loss config, extra state from the .pth, reference arrays)."""
+    import jax
+
+    from blip_jax.convert import lavis as lavis_checkpoints
+    from blip_jax.train.objectives import blip as objectives
+
+    model, ref, arrays, pixels = lavis[name]
+    state = lavis_checkpoints.load_state_dict(CHECKPOINT[name])
+    extra = jax.tree.map(jnp.asarray, lavis_checkpoints.momentum_state(state, model.config))
+    config, params = model.config, dict(model.params)
+    if name == "blip_retrieval":  # blip-jax fine-tunes retrieval with the pre-training heads (its temp)
+        config, params["temp"] = config.replace(architecture="pretrain"), jnp.asarray(float(state["temp"]))
+        ids, mask = _tokens(model, ref["texts"])
+    else:  # LAVIS's own tokens (max_length padding)
+        ids, mask = jnp.asarray(arrays["input_ids"], jnp.int32), jnp.asarray(arrays["attention_mask"], jnp.int32)
+    negatives = ref["itm_negatives"]  # LAVIS's draw, fixed by the harness (argmax of its weights)
+    batch = {"pixels": jnp.asarray(pixels), "text_ids": ids, "text_mask": mask,
+             "itm_negative_image": jnp.asarray(negatives["image_for_text"]),
+             "itm_negative_text": jnp.asarray(negatives["text_for_image"])}
+    if name == "blip_retrieval":
+        batch["image_index"] = jnp.asarray(ref["image_id"], jnp.int32)
+    # LAVIS's alpha 0.4 ramps over 2 epochs of 10 iterations; its forward is at epoch 1, iteration 0: 0.2
+    samples = ref["forward_samples"]
+    ramp = 2 * samples["num_iters_per_epoch"]
+    extra["updates"] = jnp.int32(samples["epoch"] * samples["num_iters_per_epoch"] + samples["iters"])
+    cfg = _loss_config(model, momentum=0.995, alpha=0.4, alpha_ramp_steps=ramp, itm_negatives="global", batch_shards=1)
+    objective = objectives.pretrain if name == "blip_pretrain" else objectives.retrieval
+    return objective, Blip(config), params, batch, cfg, extra, arrays
+
+
+@pytest.mark.parametrize("name", ["blip_pretrain", "blip_retrieval"])
+def test_contrastive_losses_equal_lavis_with_its_momentum_encoders_and_queues(lavis, name):
+    """ITC with momentum distillation over the queues (retrieval: idx_queue positives), ITM on LAVIS's
+    negatives, LM (pre-training), after one momentum update, as LAVIS's forward does."""
+    objective, module, params, batch, cfg, extra, arrays = _contrastive_case(lavis, name)
+    loss, metrics, new_extra = objective(module, params, batch, jax_key(), cfg, extra)
+    assert float(metrics["alpha"]) == pytest.approx(0.2)
+    for ours, theirs in (("itc", "loss_itc"), ("itm", "loss_itm"), ("lm", "loss_lm")):
+        if theirs in arrays.files:
+            _relative(metrics[ours], arrays[theirs][0], f"{name} {ours}")
+    _relative(loss, arrays["loss"][0], f"{name} total")
+    if "image_queue_after" in arrays.files:
+        _close(new_extra["image_queue"], arrays["image_queue_after"], f"{name} image queue after the step")
+        _close(new_extra["text_queue"], arrays["text_queue_after"], f"{name} text queue after the step")

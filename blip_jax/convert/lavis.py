@@ -152,3 +152,42 @@ def parse_heads(text: str | None) -> dict:
             raise ValueError(f"--heads {text!r}: expected vision=N,text=N")
         out[name.strip()] = int(value)
     return out
+
+
+# LAVIS's momentum twins -> the blip-jax parameter trees they mirror (blip_jax.train.objectives.blip)
+MOMENTUM_PREFIXES = {"visual_encoder_m.": "visual_encoder.", "text_encoder_m.": "text_encoder.",
+                     "vision_proj_m.": "vision_proj.", "text_proj_m.": "text_proj."}
+
+
+def momentum_state(state: dict, config: BlipConfig) -> dict:
+    """A LAVIS pre-training / retrieval checkpoint's momentum encoders and queues as the extra state
+    of blip-jax's BLIP pre-training and retrieval stages ({"momentum", "image_queue", "text_queue",
+    "idx_queue", "ptr", "updates"}); ValueError when the checkpoint has none."""
+    import numpy as np
+    from flax import traverse_util
+
+    from blip_jax.convert import blip_keys
+    from blip_jax.models.blip import param_shapes
+    from blip_jax.models.weights import expected_params, map_weights
+    from blip_jax.train.objectives.blip import MOMENTUM_KEYS
+
+    if "image_queue" not in state or "visual_encoder_m.cls_token" not in state:
+        raise ValueError("the checkpoint holds no momentum encoders and queues (a LAVIS pre-training or "
+                         "retrieval checkpoint does)")
+    twins = {}
+    for key, value in state.items():
+        for prefix, online in MOMENTUM_PREFIXES.items():
+            if key.startswith(prefix):
+                twins[online + key[len(prefix):]] = value
+    shapes = param_shapes(config.replace(architecture="pretrain", scan_layers=False))
+    expected = {k: v for k, v in expected_params({k: shapes[k] for k in MOMENTUM_KEYS}).items()}
+    flat, _ = map_weights(RenamedTensors(twins), expected, blip_keys.hf_key, what="the momentum encoders",
+                          ignore=blip_keys.IGNORED)
+    as_numpy = lambda t: np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t)  # noqa: E731
+    size = state["image_queue"].shape[1]
+    idx = as_numpy(state["idx_queue"]).reshape(-1) if "idx_queue" in state else np.full(size, -1)
+    return {"momentum": traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()}, sep="/"),
+            "image_queue": as_numpy(state["image_queue"]).astype(np.float32),
+            "text_queue": as_numpy(state["text_queue"]).astype(np.float32),
+            "idx_queue": idx.astype(np.int32), "ptr": np.int32(int(as_numpy(state["queue_ptr"]).reshape(-1)[0])),
+            "updates": np.int32(0)}

@@ -150,11 +150,16 @@ def contrastive_matching(model: Blip, params, batch, rng, cfg, extra, *, with_lm
     itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, extra["image_queue"],
                                      extra["text_queue"], temp, alpha, positives)
 
-    # ITM: negatives drawn from the in-batch similarities, never a positive
+    # ITM: negatives drawn from the in-batch similarities, never a positive; a batch may carry them
+    # instead (`itm_negative_image` / `itm_negative_text` [B]: comparisons with a reference's draw)
     excluded = not_negatives(idx, cfg.itm_negatives, cfg.batch_shards)
     k_img, k_txt = jax.random.split(r_neg)
-    neg_image = hard_negatives(k_img, sim_t2i[:, :b], excluded)  # for each text
-    neg_text = hard_negatives(k_txt, sim_i2t[:, :b], excluded)  # for each image
+    neg_image = batch.get("itm_negative_image")  # for each text
+    if neg_image is None:
+        neg_image = hard_negatives(k_img, sim_t2i[:, :b], excluded)
+    neg_text = batch.get("itm_negative_text")  # for each image
+    if neg_text is None:
+        neg_text = hard_negatives(k_txt, sim_i2t[:, :b], excluded)
     itm_logits = apply(Blip.itm_logits, jnp.concatenate([image, image[neg_image], image]),
                        jnp.concatenate([ids, ids, ids[neg_text]]),
                        jnp.concatenate([mask, mask, mask[neg_text]]), deterministic=False)
