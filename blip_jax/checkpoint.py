@@ -5,6 +5,7 @@
     DST/params/parts.json        which parameters each part holds
     DST/tokenizer.json ...       tokenizer and preprocessor files copied from the source
     DST/conversion.json          provenance: source, architecture, tensors read, ignored keys
+    DST/train_extra/params/      (BLIP pre-training from LAVIS only) momentum encoders and queues
 
 Writes are atomic (`blip_jax.atomic.directory`): everything goes into a temporary sibling directory
 that is renamed into place only when complete, so a failed or interrupted write never leaves a
@@ -29,6 +30,9 @@ PARAMS = "params"
 PARTS = "parts.json"
 PART_BYTES = 256 << 20  # one Orbax checkpoint per ~256 MB of parameters: bounds conversion memory
 TRAINED_MODEL = "model"  # where a training run exports its model: W/model
+# beside params/: a pre-training run's state besides its parameters (BLIP's momentum encoders and
+# queues, from a LAVIS pre-training checkpoint), which a run started from the directory continues
+TRAIN_EXTRA = "train_extra"
 
 
 def _writer():

@@ -271,3 +271,33 @@ def test_contrastive_losses_equal_lavis_with_its_momentum_encoders_and_queues(la
     if "image_queue_after" in arrays.files:
         _close(new_extra["image_queue"], arrays["image_queue_after"], f"{name} image queue after the step")
         _close(new_extra["text_queue"], arrays["text_queue_after"], f"{name} text queue after the step")
+
+
+def test_a_pretraining_run_continues_a_lavis_pretraining_checkpoint(lavis, tmp_path):
+    """`--lavis blip_pretrain/...` keeps the momentum encoders and queues (DST/train_extra); a
+    `blip_pretrain` run started from it takes a first step whose loss is LAVIS's forward loss on the
+    same batch (ITM negatives handed in; the iteration count, which the .pth does not hold, set to
+    LAVIS's epoch 1 iteration 0)."""
+    import jax
+
+    from blip_jax.checkpoint import TRAIN_EXTRA
+    from blip_jax.config_files import load_config
+    from blip_jax.train import sharding, trainer
+
+    name = "blip_pretrain"
+    done = convert(name, tmp_path / "pt", "--heads", "vision=4,text=3")
+    assert done.returncode == 0 and (tmp_path / "pt" / TRAIN_EXTRA).is_dir(), done.stderr[-2000:]
+    _, _, _, batch, loss_cfg, extra, arrays = _contrastive_case(lavis, name)
+    cfg = load_config(ROOT / "configs" / "blip_pretrain.py", "tiny")
+    cfg.model.init_from = str(tmp_path / "pt")
+    cfg.model.vision.image_size = 48
+    cfg.batch_size = 4
+    cfg.loss.update(queue_size=16, alpha=0.4, alpha_ramp_steps=loss_cfg.alpha_ramp_steps, momentum=0.995,
+                    itm_negatives="global")
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    st, task, step_fn, _ = trainer.setup(cfg, mesh)
+    for key in ("image_queue", "text_queue", "idx_queue", "ptr"):  # continued, not drawn at random
+        np.testing.assert_array_equal(np.asarray(st.train["extra"][key]), np.asarray(extra[key]))
+    st.train["extra"]["updates"] = jax.device_put(extra["updates"], st.train["extra"]["updates"].sharding)
+    _, metrics = step_fn(st.train, st.frozen, task.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh))
+    _relative(metrics["loss"], arrays["loss"][0], "first step of a run from the LAVIS .pth")

@@ -134,16 +134,24 @@ def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenize
                                 blip_keys.hf_key, what=f"{src} does not match LAVIS {model_type}",
                                 ignore=re.compile(unused), progress=progress)
     params = traverse_util.unflatten_dict(flat, sep="/")
+    # pre-training keeps its momentum encoders and queues, so the LAVIS run continues here
+    extra = lavis.momentum_state(state, config) if architecture == "pretrain" else None
     if scan_layers:
         params = stack_layers(params)
         config = config.replace(scan_layers=True)
+        if extra is not None:
+            extra["momentum"] = stack_layers(extra["momentum"])
     report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
     report["lavis_model_type"] = model_type
+    report["kept_train_state"] = extra is not None
 
     def side_files(tmp: Path) -> list[str]:
+        if extra is not None:
+            checkpoint.save_params(tmp / checkpoint.TRAIN_EXTRA, extra)
         tok.save(tmp)
         size = config.vision.image_size
         ImageProcessor(size={"height": size, "width": size}).save(tmp)
-        return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+        return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"] + (
+            [checkpoint.TRAIN_EXTRA + "/"] if extra is not None else [])
 
     return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)

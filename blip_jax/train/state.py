@@ -218,7 +218,10 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
     with mesh:
         opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(st.train["opt_state"]))(trainable)
     extra = {}
-    if stage.init_extra:
+    saved = Path(cfg.model.init_from) / checkpoint.TRAIN_EXTRA if cfg.model.init_from else None
+    if stage.init_extra and saved is not None and saved.is_dir():  # e.g. a LAVIS pre-training run's
+        extra = _saved_extra(saved, st.train["extra"])
+    elif stage.init_extra:
         init_extra = lambda p, r: stage.init_extra(p, cfg=cfg.loss, rng=r, batch_size=cfg.batch_size)  # noqa: E731
         with mesh:
             extra = jax.jit(init_extra, out_shardings=shardings_of(st.train["extra"]))(params, rng)
@@ -229,6 +232,31 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
     st.train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
     st.frozen = frozen
     return st
+
+
+def _saved_extra(path: Path, target: dict) -> dict:
+    """The stage's extra state as a model directory stored it (momentum encoders, queues), checked
+    against what this run builds (its queue size, its encoders' shapes)."""
+    stored = {p: tuple(s) for p, s in _stored_shapes(path).items()}
+    wanted = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(target, sep="/").items()}
+    if stored != wanted:
+        differ = sorted(p for p in set(stored) | set(wanted) if stored.get(p) != wanted.get(p))
+        raise ValueError(f"{path} does not fit this run (e.g. {differ[0]}: stored {stored.get(differ[0])}, the run "
+                         f"builds {wanted.get(differ[0])}); match loss.queue_size and the model's sizes to it")
+    logging.info("momentum encoders and queues continued from %s", path)
+    return checkpoint.restore_params(path, target)
+
+
+def _stored_shapes(path: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    root = path / checkpoint.PARAMS
+    out = {}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        for part in sorted(root.glob("part_*")):
+            tree = dict(ckptr.metadata(part).item_metadata)
+            out.update({k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()})
+    return out
 
 
 def opt_state_shardings(opt_state, param_shardings, mesh: Mesh):
