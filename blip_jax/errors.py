@@ -36,5 +36,5 @@ def run(command: str, main, argv: list[str]) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"blip-jax {command}: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"blip-jax {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
