@@ -59,11 +59,11 @@ def as_list(x) -> list:
     return list(x)
 
 
-def texts_of(value, name: str) -> list[str]:
+def texts_of(value, name: str, *, at_least_one: bool = True) -> list[str]:
     """`value` (one text or a list) as a list of non-empty strings; otherwise a ValueError naming
     the argument and the entry (an empty text would be scored as if it said something)."""
     out = as_list(value)
-    if not out:
+    if not out and at_least_one:
         raise ValueError(f"{name} is empty: give at least one text")
     for i, text in enumerate(out):
         where = name if len(out) == 1 else f"{name}[{i}]"

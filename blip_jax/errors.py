@@ -36,5 +36,18 @@ def run(command: str, main, argv: list[str]) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"blip-jax {command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"blip-jax {command}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        _quiet_exit()
         return 2
+
+
+def _quiet_exit() -> None:
+    """Nothing more on stderr: background threads a failed job leaves (Orbax / TensorStore reads
+    of a damaged checkpoint) print asyncio tracebacks while the interpreter exits."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stderr (captured in-process): nothing to quiet
+        pass

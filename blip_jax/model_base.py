@@ -176,7 +176,7 @@ class ModelBase:
         """ITM match logit (the "match" class, before softmax) of each (image_embeddings[image_index[i]],
         texts[i]) pair [N]: what retrieval evaluation re-ranks with."""
         self._require("itm")
-        return self._itm_rows(image_embeddings, np.asarray(image_index), texts_of(list(texts), "texts"))[:, 1]
+        return self._itm_rows(image_embeddings, np.asarray(image_index), texts_of(list(texts), "texts", at_least_one=False))[:, 1]
 
     def features_of(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Unit-norm ITC features of already encoded images (see `image_features`)."""

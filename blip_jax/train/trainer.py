@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,12 +143,43 @@ def _checkpoint_manager(workdir: Path, cfg) -> ocp.CheckpointManager:
                                  item_names=("state", "data"))
 
 
+class _stderr_held:
+    """File descriptor 2 captured for a block and written out after it, or, after `discard()`,
+    dropped once the stragglers have had a second to finish."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved, self._file, self._keep = os.dup(2), tempfile.TemporaryFile(), True
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def discard(self):
+        self._keep = False
+
+    def __exit__(self, *exc):
+        if not self._keep:
+            time.sleep(1.0)
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if self._keep:
+            self._file.seek(0)
+            sys.stderr.write(self._file.read().decode("utf-8", "replace"))
+        self._file.close()
+        return False
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, target) -> dict:
     """Checkpoint `step`; a damaged one (a truncated part, a missing _METADATA) is refused naming the
     step, with the previous checkpoint offered."""
     try:
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=ocp.args.JsonRestore()))
+        with _stderr_held() as held:
+            try:
+                return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     data=ocp.args.JsonRestore()))
+            except Exception:
+                held.discard()  # the failed read's threads print asyncio tracebacks as they wind down
+                raise
     except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds for a damaged file
         from blip_jax.errors import one_line
 
@@ -210,7 +243,11 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     total = int(cfg.total_steps)
     latest = manager.latest_step()
     if latest is not None:  # resume: trainable state, optimizer, rng and data position
-        restored = _restore(manager, latest, abstract_like(st.train))
+        try:
+            restored = _restore(manager, latest, abstract_like(st.train))
+        except ValueError:
+            manager.close()  # its background threads stop before the error reaches the user
+            raise
         st.train = restored["state"]
         inputs.restore_iterator(data, restored["data"])
         st.frozen = _restore_frozen(workdir, st.frozen)
