@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, caption, generate, itm, vqa, demo, data, score, and train / eval
+"""`blip-jax` command line: convert, export, caption, generate, itm, vqa, demo, data, score, and train / eval
 (blip_jax.train.main, blip_jax.eval.main).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
@@ -111,6 +111,13 @@ def cmd_convert(args) -> int:
 
         report["verify_max_abs_diff"] = compare(args.src, args.dst)
     _emit(args, report)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from blip_jax.convert.export import export_transformers
+
+    _emit(args, export_transformers(args.src, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -290,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", help="--lavis: head counts the tensors cannot show, e.g. vision=16,text=12 "
                    "(default: 64-wide heads, as every released BLIP)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a blip-jax BLIP model as a transformers model directory")
+    p.add_argument("src", help="blip-jax model directory (or a training workdir: its model/)")
+    p.add_argument("out", help="transformers model directory to create")
+    p.add_argument("--to", choices=["transformers"], required=True, help="the target library")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--output", help="also write the report to this JSON file")
+    p.set_defaults(func=cmd_export)
 
     def model_command(name, help_text, func):
         p = sub.add_parser(name, help=help_text)

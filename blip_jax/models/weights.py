@@ -63,6 +63,15 @@ def to_flax(tensor: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray
     return tensor.reshape(shape)
 
 
+def to_torch(array: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `to_flax`: a Flax parameter as the PyTorch tensor of `shape`."""
+    if kind == "conv":
+        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    if kind == "linear":
+        return np.ascontiguousarray(array.reshape(shape[1], shape[0]).T) if len(shape) == 2 else array.reshape(shape)
+    return np.ascontiguousarray(array.reshape(shape))
+
+
 class LazyWeight:
     """A converted parameter not read yet: `np.asarray(w)` reads, reshapes and casts it. Checkpoint
     writers materialise one at a time, so a conversion holds a few tensors, not the model."""
