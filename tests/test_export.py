@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import blip_jax
 
 ROOT = Path(__file__).resolve().parents[1]
-LAVIS = ROOT / "tests" / "fixtures" / "lavis_blip"
+LAVIS = ROOT / "tests" / "fixtures" / "lavis"
 
 
 def export(src, out) -> subprocess.CompletedProcess:

@@ -1,10 +1,10 @@
 """LAVIS `.pth` checkpoints of the BLIP classes, converted with `blip-jax convert --lavis`, compute
 what LAVIS computes on them.
 
-The fixtures in tests/fixtures/lavis_blip were written by LAVIS 1.0.2 itself (../shared/lavis,
-`make_fixtures.py OUT --only blip --variant blipjax --seed 3`): tiny random models of each class,
-their `.pth` files and LAVIS's outputs on 4 images (reference.npz / reference.json). No LAVIS is
-needed here.
+The fixtures in tests/fixtures/lavis were written by LAVIS 1.0.2 itself (../shared/lavis,
+`make_fixtures.py OUT --only blip,blip2 --variant blipjax --seed 3`): tiny random models of each
+class, their `.pth` files (BLIP-2: full and trimmed, with the EVA ViT's own file) and LAVIS's outputs
+(reference.npz / reference.json). No LAVIS is needed here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from blip_jax.api import encode_image, generate_text
 from blip_jax.models.blip import Blip
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "lavis_blip"
+FIXTURES = ROOT / "tests" / "fixtures" / "lavis"
 TOKENIZER = FIXTURES / "bert_tokenizer"
 MODEL_TYPES = {"blip_caption": "blip_caption/base_coco", "blip_retrieval": "blip_retrieval/coco",
                "blip_vqa": "blip_vqa/vqav2", "blip_pretrain": "blip_pretrain/base",
@@ -301,3 +301,34 @@ def test_a_pretraining_run_continues_a_lavis_pretraining_checkpoint(lavis, tmp_p
     st.train["extra"]["updates"] = jax.device_put(extra["updates"], st.train["extra"]["updates"].sharding)
     _, metrics = step_fn(st.train, st.frozen, task.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh))
     _relative(metrics["loss"], arrays["loss"][0], "first step of a run from the LAVIS .pth")
+
+
+# ------------------------------------------------------------------ BLIP-2 stage 1 (Blip2Qformer)
+@pytest.mark.parametrize("trimmed", [False, True], ids=["full", "trimmed+vision"])
+def test_blip2_stage1_equals_lavis(trimmed, tmp_path):
+    folder = FIXTURES / "blip2_qformer"
+    src = folder / ("model_trimmed.pth" if trimmed else "model.pth")
+    extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if trimmed else []
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "q"), "--lavis",
+                           "blip2/pretrain", "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = blip_jax.load(tmp_path / "q")
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
+    assert model.config.ln_vision_eps == 1e-5 and model.config.vision.layer_norm_eps == 1e-6
+    _close(model.image_embeddings(pixels), arrays["image_embeds_ln"], "stage 1 ViT + ln_vision")
+    _close(model.image_features(pixels), arrays["image_feats"], "stage 1 query features")
+    _close(model.text_features(ref["texts"]), arrays["text_feat"], "stage 1 text features")
+    _close(model.itc(pixels, ref["texts"]), arrays["itc_sim_max_over_queries"], "stage 1 ITC (max over queries)")
+    probs = np.stack([model.itm([image], ref["texts"]) for image in pixels])
+    _close(probs, arrays["itm_prob_all_pairs"], "stage 1 ITM probability")
+
+
+def test_a_trimmed_blip2_file_without_its_vit_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert",
+                           str(FIXTURES / "blip2_qformer" / "model_trimmed.pth"), str(tmp_path / "q"), "--lavis",
+                           "blip2/pretrain", "--tokenizer", str(TOKENIZER)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "--vision" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "q").exists()

@@ -106,10 +106,11 @@ def _write(dst: Path, params, config, report: dict, side_files, start: float, *,
 
 
 def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenizer: str | Path,
-                  heads: dict | None = None, scan_layers: bool = False, param_dtype: str = "float32",
-                  overwrite: bool = False, progress: bool = True) -> dict:
-    """Convert a LAVIS BLIP `.pth` (`blip_jax.convert.lavis`) into `dst`; `tokenizer` is the BERT
-    tokenizer directory (its vocab.txt: [DEC] and [ENC] are added after it, as LAVIS adds them)."""
+                  heads: dict | None = None, vision: str | Path | None = None, scan_layers: bool = False,
+                  param_dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert a LAVIS `.pth` (`blip_jax.convert.lavis`) into `dst`; `tokenizer` is the BERT
+    tokenizer directory (its vocab.txt: LAVIS's special tokens are added after it, as LAVIS adds
+    them); `vision` the ViT's own file for a checkpoint without it (LAVIS's trimmed BLIP-2 files)."""
     from blip_jax.convert import lavis
     from blip_jax.images import ImageProcessor
     from blip_jax.text import BlipTokenizer
@@ -119,8 +120,14 @@ def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenize
     arch, architecture = lavis.parse_model_type(model_type)
     if not (Path(tokenizer) / "vocab.txt").is_file():
         raise FileNotFoundError(f"--tokenizer {tokenizer}: no vocab.txt (a bert-base-uncased tokenizer directory)")
-    tok = BlipTokenizer.from_vocab(Path(tokenizer) / "vocab.txt")
     state = lavis.load_state_dict(src)
+    if vision is not None:
+        state = lavis.with_vision(state, lavis.load_state_dict(vision), vision)
+    if arch in lavis.BLIP2_CLASSES:
+        return _convert_lavis_blip2(src, dst, model_type, state, Path(tokenizer), heads, architecture, start,
+                                    scan_layers=scan_layers, param_dtype=param_dtype, overwrite=overwrite,
+                                    progress=progress)
+    tok = BlipTokenizer.from_vocab(Path(tokenizer) / "vocab.txt")
     config = lavis.blip_config(state, architecture, tok, heads).replace(param_dtype=param_dtype)
     unused = lavis.MOMENTUM_AND_QUEUES.pattern + "|" + blip_keys.IGNORED.pattern
     if architecture != "pretrain":  # the ITC temperature is a pre-training parameter here
@@ -153,5 +160,34 @@ def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenize
         ImageProcessor(size={"height": size, "width": size}).save(tmp)
         return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"] + (
             [checkpoint.TRAIN_EXTRA + "/"] if extra is not None else [])
+
+    return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)
+
+
+def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tokenizer: Path, heads, architecture: str,
+                         start: float, *, scan_layers: bool, param_dtype: str, overwrite: bool, progress: bool) -> dict:
+    """A LAVIS BLIP-2 stage-1 checkpoint (Blip2Qformer): ViT, ln_vision, Q-Former and its heads."""
+    from blip_jax.convert import lavis
+    from blip_jax.images import ImageProcessor
+    from blip_jax.text import BlipTokenizer
+
+    config = lavis.blip2_config(state, architecture, heads).replace(param_dtype=param_dtype,
+                                                                     frozen_param_dtype=param_dtype,
+                                                                     scan_layers=scan_layers)
+    # the Q-Former's tokenizer: bert-base-uncased plus [DEC] (its bos), as LAVIS's Blip2Base adds it
+    tok = BlipTokenizer.from_vocab(tokenizer / "vocab.txt", extra_special_tokens=[])
+    if len(tok) != config.qformer_vocab_size:
+        raise ValueError(f"the checkpoint's Q-Former vocabulary has {config.qformer_vocab_size} tokens, the tokenizer "
+                         f"{len(tok)} (LAVIS's is bert-base-uncased plus [DEC]): give its --tokenizer")
+    params, ignored = blip2_keys.load_params(lavis.Blip2Tensors(state), config, progress=progress,
+                                             what=f"{src} does not match LAVIS {model_type}")
+    report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
+    report["lavis_model_type"] = model_type
+
+    def side_files(tmp: Path) -> list[str]:
+        tok.save(tmp)
+        size = config.vision.image_size
+        ImageProcessor(size={"height": size, "width": size}).save(tmp)
+        return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
 
     return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)

@@ -21,6 +21,10 @@ from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 # LAVIS arch (the part of MODEL_TYPE before "/") -> blip-jax BLIP architecture
 BLIP_CLASSES = {"blip_caption": "caption", "blip_retrieval": "retrieval", "blip_vqa": "vqa",
                 "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval"}
+# BLIP-2 classes read so far -> blip-jax BLIP-2 architecture (stage 1: the Q-Former with its heads)
+BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval"}
+LAVIS_LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is torch's LayerNorm default, beside EVA's 1e-6 blocks
+EVA_HEADS = 16  # EVA ViT-g (width 1408) and CLIP ViT-L (1024): 16 heads
 LAVIS_VIT_EPS = 1e-6  # timm's ViT in LAVIS (transformers' BLIP config says 1e-5)
 HEAD_WIDTH = 64  # every released BLIP: ViT-B 768/12, ViT-L 1024/16, BERT-base 768/12
 
@@ -42,10 +46,11 @@ MOMENTUM_AND_QUEUES = re.compile(r"(_m\.|_m$|^(image|text|idx)_queue$|^queue_ptr
 def parse_model_type(model_type: str) -> tuple[str, str]:
     """"blip_caption/large_coco" -> ("blip_caption", "caption"); other classes are refused by name."""
     arch = model_type.split("/")[0]
-    if arch not in BLIP_CLASSES:
+    known = {**BLIP_CLASSES, **BLIP2_CLASSES}
+    if arch not in known:
         raise ValueError(f"--lavis {model_type!r}: unknown or not yet supported LAVIS class {arch!r}; supported: "
-                         f"{', '.join(sorted(BLIP_CLASSES))} (as arch/type, e.g. blip_caption/base_coco)")
-    return arch, BLIP_CLASSES[arch]
+                         f"{', '.join(sorted(known))} (as arch/type, e.g. blip_caption/base_coco)")
+    return arch, known[arch]
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -191,3 +196,86 @@ def momentum_state(state: dict, config: BlipConfig) -> dict:
             "text_queue": as_numpy(state["text_queue"]).astype(np.float32),
             "idx_queue": idx.astype(np.int32), "ptr": np.int32(int(as_numpy(state["queue_ptr"]).reshape(-1)[0])),
             "updates": np.int32(0)}
+
+
+# ------------------------------------------------------------------------------------- BLIP-2
+# LAVIS's EVA ViT and Q-Former names -> transformers' BLIP-2 names (what blip2_keys reads)
+_QFORMER = [
+    (r"^ln_vision\.", "vision_model.post_layernorm."),
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
+    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),
+    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
+     r"qformer.encoder.layer.\1.\2.attention."),
+    (r"^Qformer\.bert\.encoder\.", "qformer.encoder."),
+    (r"^Qformer\.cls\.predictions\.transform\.dense\.", "itg_dense."),
+    (r"^Qformer\.cls\.predictions\.transform\.LayerNorm\.", "itg_norm."),
+    (r"^Qformer\.cls\.predictions\.bias$", "itg_bias"),
+    (r"^vision_proj\.", "vision_projection."),
+    (r"^text_proj\.", "text_projection."),
+]
+
+
+def with_vision(state: dict, vision: dict, path) -> dict:
+    """A trimmed checkpoint (its frozen ViT left out, as LAVIS's runner saves) completed by the ViT's
+    own file (e.g. `eva_vit_g.pth`: a bare state dict, or one under `visual_encoder.`)."""
+    if any(k.startswith("visual_encoder.") for k in state):
+        raise ValueError(f"--vision {path}: the checkpoint already holds a ViT (visual_encoder.*); give --vision "
+                         "only for a trimmed file")
+    prefixed = {k if k.startswith("visual_encoder.") else f"visual_encoder.{k}": v for k, v in vision.items()}
+    if "visual_encoder.cls_token" not in prefixed:
+        raise ValueError(f"--vision {path} is not a ViT state dict (no cls_token)")
+    return {**state, **prefixed}
+
+
+class Blip2Tensors(RenamedTensors):
+    """A LAVIS BLIP-2 state dict under transformers' BLIP-2 names; EVA's q / v biases become the
+    fused qkv bias transformers holds (the key bias is zero: EVA has none)."""
+
+    def __init__(self, state: dict):
+        import torch
+
+        # the ITG head's output weights are the Q-Former's word embeddings (tied): stored once
+        state = {k: v for k, v in state.items() if not k.startswith("Qformer.cls.predictions.decoder.")}
+        for key in [k for k in state if k.endswith(".attn.q_bias")]:
+            q, v = state.pop(key), state.pop(key.replace("q_bias", "v_bias"))
+            state[key.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), v])
+        super().__init__(state)
+
+    @staticmethod
+    def _rename(key: str) -> str:
+        for pattern, replacement in _QFORMER + _VIT:
+            if re.search(pattern, key):
+                return re.sub(pattern, replacement, key)
+        return key
+
+
+def blip2_config(state: dict, architecture: str, heads: dict | None = None):
+    """The stage-1 blip-jax BLIP-2 config the tensors describe (EVA blocks at eps 1e-6, ln_vision at
+    1e-5, the Q-Former's sizes, queries and cross-attention frequency)."""
+    from blip_jax.models.blip2 import Blip2Config
+    from blip_jax.models.qformer import QFormerConfig
+
+    heads = heads or {}
+    for key in ("visual_encoder.cls_token", "query_tokens", "Qformer.bert.embeddings.word_embeddings.weight"):
+        if key not in state:
+            raise ValueError(f"not a LAVIS BLIP-2 checkpoint with its ViT: no {key} (for a trimmed file give --vision)")
+    width = state["visual_encoder.cls_token"].shape[-1]
+    patch = state["visual_encoder.patch_embed.proj.weight"].shape[-1]
+    grid = round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
+    vision = VisionConfig(hidden_size=width, intermediate_size=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
+                          num_layers=_layers(state, "visual_encoder.blocks."), num_heads=heads.get("vision", EVA_HEADS),
+                          image_size=grid * patch, patch_size=patch, layer_norm_eps=LAVIS_VIT_EPS, final_norm=False)
+    vocab, hidden = state["Qformer.bert.embeddings.word_embeddings.weight"].shape
+    layers = _layers(state, "Qformer.bert.encoder.layer.")
+    crossing = sorted({int(m.group(1)) for k in state
+                       if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.", k))})
+    frequency = crossing[1] - crossing[0] if len(crossing) > 1 else layers
+    qformer = QFormerConfig(hidden_size=hidden, num_heads=_heads(hidden, heads.get("text"), "text"), num_layers=layers,
+                            intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+                            encoder_hidden_size=width, cross_attention_frequency=frequency,
+                            use_qformer_text_input="Qformer.bert.encoder.layer.0.intermediate.dense.weight" in state)
+    return Blip2Config(architecture=architecture, vision=vision, qformer=qformer, llm_family="", llm=None,
+                       num_query_tokens=state["query_tokens"].shape[1], embed_dim=state["vision_proj.weight"].shape[0],
+                       qformer_vocab_size=vocab,
+                       qformer_max_positions=state["Qformer.bert.embeddings.position_embeddings.weight"].shape[0],
+                       stage1_heads="Qformer.cls.predictions.bias" in state, ln_vision_eps=LAVIS_LN_VISION_EPS)

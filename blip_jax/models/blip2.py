@@ -60,6 +60,8 @@ class Blip2Config:
     frozen_param_dtype: str = "float32"  # storage of the ViT and the LLM
     qformer_dtype: str = "float32"  # compute dtype of the Q-Former
     stage1_heads: bool = False  # retrieval: stage 1's ITG head and ITC temperature (LAVIS has them, HF not)
+    # ln_vision's eps; None: the ViT's (transformers' one field). LAVIS: 1e-5 beside its ViT's 1e-6
+    ln_vision_eps: float | None = None
     scan_layers: bool = False
     remat_policy: str = "none"
 
@@ -119,7 +121,8 @@ class Blip2(nn.Module):
         trained = dict(dtype=DTYPES[cfg.qformer_dtype], param_dtype=DTYPES[cfg.param_dtype])
         q = cfg.qformer
         self.vision = VisionTransformer(cfg.vision, **frozen, **stack)
-        self.ln_vision = layers.layer_norm(cfg.vision.layer_norm_eps, **trained)
+        eps = cfg.vision.layer_norm_eps if cfg.ln_vision_eps is None else cfg.ln_vision_eps
+        self.ln_vision = layers.layer_norm(eps, **trained)
         self.query_tokens = self.param("query_tokens", layers.logical(layers.default_kernel_init, (None, None, "embed")),
                                        (1, cfg.num_query_tokens, q.hidden_size), trained["param_dtype"])
         self.qformer = QFormer(q, **trained, **stack)
