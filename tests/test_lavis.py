@@ -332,3 +332,33 @@ def test_a_trimmed_blip2_file_without_its_vit_is_one_line(tmp_path):
                           timeout=300)
     assert done.returncode == 2 and "--vision" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_blip2_stage1_losses_equal_lavis(tmp_path):
+    """ITC (max over queries, label smoothing 0.1), ITM on LAVIS's negatives, ITG ([DEC], label
+    smoothing 0.1) of blip-jax's stage-1 objective on the converted weights and LAVIS's batch."""
+    import jax
+
+    from blip_jax.models.blip2 import Blip2
+    from blip_jax.train.objectives import blip2 as objectives
+
+    folder = FIXTURES / "blip2_qformer"
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(folder / "model.pth"),
+                           str(tmp_path / "q"), "--lavis", "blip2/pretrain", "--tokenizer", str(TOKENIZER),
+                           "--heads", "vision=4,text=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = blip_jax.load(tmp_path / "q")
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    ids, mask = _tokens(model, ref["texts"], ref["config"]["max_txt_len"])
+    negatives = ref["itm_negatives"]
+    batch = {"pixels": jnp.asarray(arrays["pixel_values"].transpose(0, 2, 3, 1)), "text_ids": ids, "text_mask": mask,
+             "itm_negative_image": jnp.asarray(negatives["image_for_text"]),
+             "itm_negative_text": jnp.asarray(negatives["text_for_image"])}
+    from ml_collections import ConfigDict
+
+    cfg = ConfigDict({"itc_label_smoothing": 0.1, "itg_label_smoothing": 0.1,
+                      "bos_token_id": model.tokenizer.bos_token_id})
+    loss, metrics, _ = objectives.stage1(Blip2(model.config), model.params, batch, jax.random.PRNGKey(0), cfg, {})
+    for ours, theirs in (("itc", "loss_itc"), ("itm", "loss_itm"), ("itg", "loss_lm")):
+        _relative(metrics[ours], arrays[theirs][0], f"stage 1 {ours}")
+    _relative(loss, arrays["loss"][0], "stage 1 total")

@@ -60,8 +60,14 @@ def stage1(model: Blip2, params, batch, rng, cfg, extra):
     eye = jnp.eye(b, dtype=bool)
     neg_logits = lambda sim: jnp.where(eye, -jnp.inf, jax.lax.stop_gradient(sim))  # noqa: E731
     k_img, k_txt = jax.random.split(rngs["negatives"])
-    neg_image = jax.random.categorical(k_img, neg_logits(sim_t2i))  # for text t, an image != t
-    neg_text = jax.random.categorical(k_txt, neg_logits(sim_i2t))  # for image i, a text != i
+    # a batch may carry its negatives (`itm_negative_image` / `itm_negative_text` [B]: comparisons
+    # with a reference's draw); otherwise they are drawn here
+    neg_image = batch.get("itm_negative_image")  # for text t, an image != t
+    if neg_image is None:
+        neg_image = jax.random.categorical(k_img, neg_logits(sim_t2i))
+    neg_text = batch.get("itm_negative_text")  # for image i, a text != i
+    if neg_text is None:
+        neg_text = jax.random.categorical(k_txt, neg_logits(sim_i2t))
     itm_image = jnp.concatenate([image, image[neg_image], image])
     itm_ids = jnp.concatenate([ids, ids, ids[neg_text]])
     itm_mask = jnp.concatenate([mask, mask, mask[neg_text]])
