@@ -54,22 +54,13 @@ def parse_model_type(model_type: str) -> tuple[str, str]:
 
 
 def load_state_dict(path: str | Path) -> dict:
-    """The state dict of a LAVIS `.pth` (`torch.load(weights_only=True)`, memory-mapped)."""
-    import pickle
-    import zipfile
-
-    import torch
+    """The state dict of a LAVIS `.pth` (`{"model": state_dict}` or the bare state dict)."""
+    from blip_jax.convert.reader import torch_load
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing {path}: it holds pickled objects, not only tensors (torch.load with "
-                         f"weights_only=True: {str(e).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {str(e).strip().splitlines()[0][:300]}") from None
+    obj = torch_load(path)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise ValueError(f"{path} is not a LAVIS checkpoint: expected {{'model': state_dict}} or a state dict")

@@ -50,6 +50,28 @@ def _index(d: Path, name: str) -> dict[str, Path]:
     return files
 
 
+def torch_load(path: Path):
+    """What a `torch.save` file holds, loaded with `weights_only=True` (pickled code is refused) and
+    memory-mapped when it is a zip archive (a legacy torch.save file is read whole); a file that
+    cannot be read is a one-line ValueError naming it."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(f"reading {path.name} needs torch: pip install 'blip-jax[convert]'") from e
+    import pickle
+    import zipfile
+
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path}: the file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing {path}: it holds pickled objects, not only tensors (torch.load with "
+                         f"weights_only=True: {str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+
+
 class CheckpointReader:
     """A read-only mapping from tensor name to numpy array, loaded on access."""
 
@@ -75,24 +97,7 @@ class CheckpointReader:
 
     def _torch_file(self, path: Path) -> dict:
         if path not in self._handles:
-            try:
-                import torch
-            except ImportError as e:  # pragma: no cover - depends on the install
-                raise ImportError(f"reading {path.name} needs torch: pip install 'blip-jax[convert]'") from e
-            import pickle
-            import zipfile
-
-            if path.stat().st_size == 0:
-                raise ValueError(f"cannot read {path}: the file is empty")
-            # weights_only refuses pickled code; mmap keeps the file on disk until a tensor is read
-            # (only zip archives can be mapped: a legacy torch.save file is read whole)
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"refusing {path}: it holds pickled objects, not only tensors (torch.load with "
-                                 f"weights_only=True: {str(e).splitlines()[0][:200]})") from None
-            except (RuntimeError, EOFError, OSError, ValueError) as e:
-                raise _unreadable(path, e) from None
+            state = torch_load(path)
             if not isinstance(state, dict):
                 raise ValueError(f"cannot read {path}: it holds a {type(state).__name__}, not a state dict")
             self._handles[path] = state
