@@ -274,7 +274,9 @@ def _add_data_commands(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip-jax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="blip-jax", description=__doc__.split("\n")[0],
+                                     epilog="Errors are one line (exit status 2); add --debug to any command for "
+                                            "the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a transformers BLIP / BLIP-2 / InstructBLIP model directory, "
