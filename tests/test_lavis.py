@@ -304,16 +304,25 @@ def test_a_pretraining_run_continues_a_lavis_pretraining_checkpoint(lavis, tmp_p
 
 
 # ------------------------------------------------------------------ BLIP-2 stage 1 (Blip2Qformer)
-@pytest.mark.parametrize("trimmed", [False, True], ids=["full", "trimmed+vision"])
-def test_blip2_stage1_equals_lavis(trimmed, tmp_path):
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """"full" / "trimmed" -> the LAVIS stage-1 model converted from model.pth / model_trimmed.pth + --vision."""
+    root, out = tmp_path_factory.mktemp("stage1"), {}
+    for kind in ("full", "trimmed"):
+        src = FIXTURES / "blip2_qformer" / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
+        extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
+        done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(root / kind), "--lavis",
+                               "blip2/pretrain", "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[kind] = blip_jax.load(root / kind)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "trimmed"])
+def test_blip2_stage1_equals_lavis(stage1, kind):
     folder = FIXTURES / "blip2_qformer"
-    src = folder / ("model_trimmed.pth" if trimmed else "model.pth")
-    extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if trimmed else []
-    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "q"), "--lavis",
-                           "blip2/pretrain", "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    model = blip_jax.load(tmp_path / "q")
+    model = stage1[kind]
     ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
     pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
     assert model.config.ln_vision_eps == 1e-5 and model.config.vision.layer_norm_eps == 1e-6
@@ -334,7 +343,7 @@ def test_a_trimmed_blip2_file_without_its_vit_is_one_line(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_blip2_stage1_losses_equal_lavis(tmp_path):
+def test_blip2_stage1_losses_equal_lavis(stage1):
     """ITC (max over queries, label smoothing 0.1), ITM on LAVIS's negatives, ITG ([DEC], label
     smoothing 0.1) of blip-jax's stage-1 objective on the converted weights and LAVIS's batch."""
     import jax
@@ -343,11 +352,7 @@ def test_blip2_stage1_losses_equal_lavis(tmp_path):
     from blip_jax.train.objectives import blip2 as objectives
 
     folder = FIXTURES / "blip2_qformer"
-    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(folder / "model.pth"),
-                           str(tmp_path / "q"), "--lavis", "blip2/pretrain", "--tokenizer", str(TOKENIZER),
-                           "--heads", "vision=4,text=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    model = blip_jax.load(tmp_path / "q")
+    model = stage1["full"]
     ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
     ids, mask = _tokens(model, ref["texts"], ref["config"]["max_txt_len"])
     negatives = ref["itm_negatives"]
