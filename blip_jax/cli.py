@@ -100,7 +100,8 @@ def cmd_convert(args) -> int:
         if args.verify:
             raise ValueError("--verify compares with a transformers model; a LAVIS checkpoint has none")
         report = convert_lavis(args.src, args.dst, args.lavis, tokenizer=args.tokenizer,
-                               heads=parse_heads(args.heads), vision=args.vision, scan_layers=args.scan_layers,
+                               heads=parse_heads(args.heads), vision=args.vision, llm=args.llm,
+                               scan_layers=args.scan_layers,
                                param_dtype=args.param_dtype, overwrite=args.overwrite)
         _emit(args, report)
         return 0
@@ -294,10 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the report to this JSON file")
     p.add_argument("--lavis", metavar="MODEL_TYPE", help="SRC is a LAVIS .pth of this arch/type, e.g. "
                    "blip_caption/base_coco (blip_caption, blip_retrieval, blip_vqa, blip_pretrain, "
-                   "blip_feature_extractor; BLIP-2 stage 1: blip2, blip2_feature_extractor)")
+                   "blip_feature_extractor; BLIP-2: blip2, blip2_feature_extractor, blip2_opt)")
     p.add_argument("--tokenizer", help="--lavis: the BERT tokenizer directory (vocab.txt); [DEC] / [ENC] are added")
     p.add_argument("--vision", help="--lavis: the ViT's own .pth for a checkpoint without it (trimmed BLIP-2 files; "
                    "EVA ViT-g: eva_vit_g.pth)")
+    p.add_argument("--llm", help="--lavis, BLIP-2 with an LLM: the LLM's transformers directory (config, tokenizer; "
+                   "its weights for a trimmed checkpoint)")
     p.add_argument("--heads", help="--lavis: head counts the tensors cannot show, e.g. vision=16,text=12 "
                    "(default: 64-wide heads, as every released BLIP)")
     p.set_defaults(func=cmd_convert)

@@ -367,3 +367,38 @@ def test_blip2_stage1_losses_equal_lavis(stage1):
     for ours, theirs in (("itc", "loss_itc"), ("itm", "loss_itm"), ("itg", "loss_lm")):
         _relative(metrics[ours], arrays[theirs][0], f"stage 1 {ours}")
     _relative(loss, arrays["loss"][0], "stage 1 total")
+
+
+# ------------------------------------------------------------------ BLIP-2 stage 2: OPT (LAVIS 1.0.2)
+@pytest.mark.parametrize("kind", ["full", "trimmed"])
+def test_blip2_opt_equals_lavis(kind, tmp_path):
+    """Blip2OPT: the projected queries, and greedy / beam-3 ids after its caption prompt and a VQA
+    prompt, ending at "\\n" (LAVIS's eos for OPT, written to generation_config.json)."""
+    folder = FIXTURES / "blip2_opt"
+    src = folder / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
+    extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "opt"), "--lavis",
+                           "blip2_opt/pretrain_opt2.7b", "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3",
+                           "--llm", str(FIXTURES / "opt-tiny"), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = blip_jax.load(tmp_path / "opt")
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
+    assert model.config.llm.eos_token_id == ref["eos_token_id(\\n)"]  # LAVIS's OPT texts end at "\\n"
+    _close(model.image_embeddings(pixels), arrays["image_embeds_ln"], "OPT model ViT + ln_vision")
+    prefix = model._prefixes(model.preprocess(pixels), np.arange(len(pixels)), [""] * len(pixels))
+    _close(prefix, arrays["opt_proj_out"], "OPT model projected queries")
+    options = dict(max_new_tokens=ref["generate_kwargs"]["max_length"], min_new_tokens=0, repetition_penalty=1.0,
+                   length_penalty=1.0)
+    for beams in (1, 3):
+        for name in ("default_prompt", "vqa_prompt"):
+            theirs = ref[f"generate_{name}_beam{beams}"]
+            prompt = model.tokenizer.decode(theirs["llm_input_ids"][0], skip_special_tokens=True)
+            ours = model._generate_ids(pixels, [prompt] * len(pixels), {**options, "num_beams": beams})
+            new = np.asarray(theirs["ids"])[:, len(theirs["llm_input_ids"][0]):]
+            np.testing.assert_array_equal(ours[:, : new.shape[1]], new)
+    missing = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "o2"), "--lavis",
+                              "blip2_opt/pretrain_opt2.7b", "--tokenizer", str(TOKENIZER), *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "--llm" in missing.stderr and "Traceback" not in missing.stderr

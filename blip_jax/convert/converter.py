@@ -106,11 +106,14 @@ def _write(dst: Path, params, config, report: dict, side_files, start: float, *,
 
 
 def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenizer: str | Path,
-                  heads: dict | None = None, vision: str | Path | None = None, scan_layers: bool = False,
+                  heads: dict | None = None, vision: str | Path | None = None, llm: str | Path | None = None,
+                  scan_layers: bool = False,
                   param_dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> dict:
     """Convert a LAVIS `.pth` (`blip_jax.convert.lavis`) into `dst`; `tokenizer` is the BERT
     tokenizer directory (its vocab.txt: LAVIS's special tokens are added after it, as LAVIS adds
-    them); `vision` the ViT's own file for a checkpoint without it (LAVIS's trimmed BLIP-2 files)."""
+    them); `vision` the ViT's own file for a checkpoint without it (LAVIS's trimmed BLIP-2 files);
+    `llm` the transformers directory of a BLIP-2 model's LLM (its config and tokenizer; its weights
+    when the checkpoint is trimmed)."""
     from blip_jax.convert import lavis
     from blip_jax.images import ImageProcessor
     from blip_jax.text import BlipTokenizer
@@ -124,7 +127,7 @@ def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenize
     if vision is not None:
         state = lavis.with_vision(state, lavis.load_state_dict(vision), vision)
     if arch in lavis.BLIP2_CLASSES:
-        return _convert_lavis_blip2(src, dst, model_type, state, Path(tokenizer), heads, architecture, start,
+        return _convert_lavis_blip2(src, dst, model_type, state, Path(tokenizer), heads, architecture, start, arch, llm,
                                     scan_layers=scan_layers, param_dtype=param_dtype, overwrite=overwrite,
                                     progress=progress)
     tok = BlipTokenizer.from_vocab(Path(tokenizer) / "vocab.txt")
@@ -165,29 +168,55 @@ def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenize
 
 
 def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tokenizer: Path, heads, architecture: str,
-                         start: float, *, scan_layers: bool, param_dtype: str, overwrite: bool, progress: bool) -> dict:
-    """A LAVIS BLIP-2 stage-1 checkpoint (Blip2Qformer): ViT, ln_vision, Q-Former and its heads."""
+                         start: float, arch: str, llm_dir, *, scan_layers: bool, param_dtype: str, overwrite: bool,
+                         progress: bool) -> dict:
+    """A LAVIS BLIP-2 checkpoint: ViT, ln_vision, Q-Former and its heads (stage 1), or the Q-Former,
+    projection and LLM (stage 2: the LLM's config and tokenizer from `llm_dir`, its weights from the
+    checkpoint or, trimmed, from `llm_dir`)."""
     from blip_jax.convert import lavis
     from blip_jax.images import ImageProcessor
+    from blip_jax.models.llm import FAMILIES
     from blip_jax.text import BlipTokenizer
 
-    config = lavis.blip2_config(state, architecture, heads).replace(param_dtype=param_dtype,
-                                                                     frozen_param_dtype=param_dtype,
-                                                                     scan_layers=scan_layers)
+    llm_prefix, proj_prefix, family = lavis.LLM_PARTS.get(arch, ("", "", ""))
+    llm_config, llm_reader = None, None
+    if family:
+        if llm_dir is None:
+            raise ValueError(f"--lavis {model_type} needs --llm DIR: the transformers directory of its language model")
+        import dataclasses
+
+        import transformers
+
+        llm_dir = Path(llm_dir)
+        llm_tok = transformers.AutoTokenizer.from_pretrained(str(llm_dir), use_fast=True)
+        generation = lavis.generation_config(arch, llm_tok)
+        # LAVIS's decoding facts are the model's: e.g. Blip2OPT's texts end at "\n"
+        llm_config = dataclasses.replace(FAMILIES[family].config.from_hf(read_hf_config(llm_dir)),
+                                         **{k: v for k, v in generation.items() if k == "eos_token_id"})
+        # trimmed: the LLM's own weights (LAVIS's trimmed files keep only a tied lm_head of it)
+        if not any(k.startswith(llm_prefix) and ".lm_head." not in f".{k}" for k in state):
+            llm_reader = CheckpointReader(llm_dir)
+    config = lavis.blip2_config(state, architecture, heads, family, llm_config).replace(
+        param_dtype=param_dtype, frozen_param_dtype=param_dtype, scan_layers=scan_layers)
     # the Q-Former's tokenizer: bert-base-uncased plus [DEC] (its bos), as LAVIS's Blip2Base adds it
     tok = BlipTokenizer.from_vocab(tokenizer / "vocab.txt", extra_special_tokens=[])
-    if len(tok) != config.qformer_vocab_size:
+    if config.has_qformer_text and len(tok) != config.qformer_vocab_size:
         raise ValueError(f"the checkpoint's Q-Former vocabulary has {config.qformer_vocab_size} tokens, the tokenizer "
                          f"{len(tok)} (LAVIS's is bert-base-uncased plus [DEC]): give its --tokenizer")
-    params, ignored = blip2_keys.load_params(lavis.Blip2Tensors(state), config, progress=progress,
+    tensors = lavis.Blip2Tensors(state, llm_prefix, proj_prefix, llm_reader)
+    params, ignored = blip2_keys.load_params(tensors, config, progress=progress,
                                              what=f"{src} does not match LAVIS {model_type}")
     report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
     report["lavis_model_type"] = model_type
 
     def side_files(tmp: Path) -> list[str]:
-        tok.save(tmp)
         size = config.vision.image_size
         ImageProcessor(size={"height": size, "width": size}).save(tmp)
-        return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+        if not family:
+            tok.save(tmp)
+            return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+        llm_tok.save_pretrained(str(tmp))  # the LLM's tokenizer (fast), and the decoding facts for transformers
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return ["tokenizer.json", "preprocessor_config.json", "generation_config.json"]
 
     return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)

@@ -22,7 +22,9 @@ from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 BLIP_CLASSES = {"blip_caption": "caption", "blip_retrieval": "retrieval", "blip_vqa": "vqa",
                 "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval"}
 # BLIP-2 classes read so far -> blip-jax BLIP-2 architecture (stage 1: the Q-Former with its heads)
-BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval"}
+BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval", "blip2_opt": "generation"}
+# LAVIS BLIP-2 class -> (its LLM's state-dict prefix, its projection's, blip-jax LLM family)
+LLM_PARTS = {"blip2_opt": ("opt_model.", "opt_proj.", "opt")}
 LAVIS_LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is torch's LayerNorm default, beside EVA's 1e-6 blocks
 EVA_HEADS = 16  # EVA ViT-g (width 1408) and CLIP ViT-L (1024): 16 heads
 LAVIS_VIT_EPS = 1e-6  # timm's ViT in LAVIS (transformers' BLIP config says 1e-5)
@@ -222,9 +224,10 @@ class Blip2Tensors(RenamedTensors):
     """A LAVIS BLIP-2 state dict under transformers' BLIP-2 names; EVA's q / v biases become the
     fused qkv bias transformers holds (the key bias is zero: EVA has none)."""
 
-    def __init__(self, state: dict):
+    def __init__(self, state: dict, llm_prefix: str = "", proj_prefix: str = "", llm_reader=None):
         import torch
 
+        self.llm_prefix, self.proj_prefix, self.llm_reader = llm_prefix, proj_prefix, llm_reader
         # the ITG head's output weights are the Q-Former's word embeddings (tied): stored once
         state = {k: v for k, v in state.items() if not k.startswith("Qformer.cls.predictions.decoder.")}
         for key in [k for k in state if k.endswith(".attn.q_bias")]:
@@ -232,22 +235,39 @@ class Blip2Tensors(RenamedTensors):
             state[key.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), v])
         super().__init__(state)
 
-    @staticmethod
-    def _rename(key: str) -> str:
+        if llm_reader is not None:  # a trimmed file's LLM, from its own transformers directory
+            self.names.update({f"language_model.{k}": None for k in llm_reader.keys()})
+
+    def _rename(self, key: str) -> str:
+        if self.llm_prefix and key.startswith(self.llm_prefix):
+            return "language_model." + key[len(self.llm_prefix):]
+        if self.proj_prefix and key.startswith(self.proj_prefix):
+            return "language_projection." + key[len(self.proj_prefix):]
         for pattern, replacement in _QFORMER + _VIT:
             if re.search(pattern, key):
                 return re.sub(pattern, replacement, key)
         return key
 
+    def __getitem__(self, key: str):
+        source = self.names[key]
+        return self.llm_reader[key[len("language_model."):]] if source is None else self.state[source]
 
-def blip2_config(state: dict, architecture: str, heads: dict | None = None):
-    """The stage-1 blip-jax BLIP-2 config the tensors describe (EVA blocks at eps 1e-6, ln_vision at
-    1e-5, the Q-Former's sizes, queries and cross-attention frequency)."""
+    def shape(self, key: str) -> tuple[int, ...]:
+        source = self.names[key]
+        return tuple(self.llm_reader.shape(key[len("language_model."):]) if source is None
+                     else self.state[source].shape)
+
+
+def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_family: str = "", llm=None):
+    """The blip-jax BLIP-2 config the tensors describe (EVA blocks at eps 1e-6, ln_vision at 1e-5,
+    the Q-Former's sizes, queries and cross-attention frequency); `llm` the LLM's config (stage 2)."""
     from blip_jax.models.blip2 import Blip2Config
     from blip_jax.models.qformer import QFormerConfig
 
     heads = heads or {}
-    for key in ("visual_encoder.cls_token", "query_tokens", "Qformer.bert.embeddings.word_embeddings.weight"):
+    needed = ("visual_encoder.cls_token", "query_tokens") + (
+        ("Qformer.bert.embeddings.word_embeddings.weight",) if architecture == "retrieval" else ())
+    for key in needed:
         if key not in state:
             raise ValueError(f"not a LAVIS BLIP-2 checkpoint with its ViT: no {key} (for a trimmed file give --vision)")
     width = state["visual_encoder.cls_token"].shape[-1]
@@ -256,7 +276,11 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None):
     vision = VisionConfig(hidden_size=width, intermediate_size=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
                           num_layers=_layers(state, "visual_encoder.blocks."), num_heads=heads.get("vision", EVA_HEADS),
                           image_size=grid * patch, patch_size=patch, layer_norm_eps=LAVIS_VIT_EPS, final_norm=False)
-    vocab, hidden = state["Qformer.bert.embeddings.word_embeddings.weight"].shape
+    # stage 2 (LAVIS 1.0.2) deletes the Q-Former's word and position embeddings and its text FFNs
+    words = state.get("Qformer.bert.embeddings.word_embeddings.weight")
+    vocab = words.shape[0] if words is not None else 30523
+    hidden = state["query_tokens"].shape[-1]
+    positions = state.get("Qformer.bert.embeddings.position_embeddings.weight")
     layers = _layers(state, "Qformer.bert.encoder.layer.")
     crossing = sorted({int(m.group(1)) for k in state
                        if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.", k))})
@@ -265,8 +289,20 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None):
                             intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
                             encoder_hidden_size=width, cross_attention_frequency=frequency,
                             use_qformer_text_input="Qformer.bert.encoder.layer.0.intermediate.dense.weight" in state)
-    return Blip2Config(architecture=architecture, vision=vision, qformer=qformer, llm_family="", llm=None,
-                       num_query_tokens=state["query_tokens"].shape[1], embed_dim=state["vision_proj.weight"].shape[0],
-                       qformer_vocab_size=vocab,
-                       qformer_max_positions=state["Qformer.bert.embeddings.position_embeddings.weight"].shape[0],
+    return Blip2Config(architecture=architecture, vision=vision, qformer=qformer, llm_family=llm_family, llm=llm,
+                       num_query_tokens=state["query_tokens"].shape[1],
+                       embed_dim=state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
+                       qformer_vocab_size=vocab, qformer_max_positions=positions.shape[0] if positions is not None else 512,
                        stage1_heads="Qformer.cls.predictions.bias" in state, ln_vision_eps=LAVIS_LN_VISION_EPS)
+
+
+def generation_config(arch: str, llm_tokenizer) -> dict:
+    """The decoding facts a LAVIS class fixes, as generation_config.json: Blip2OPT ends a text at
+    "\\n" (its eos), not at </s>."""
+    if arch == "blip2_opt":  # (LAVIS keeps the tied lm_head in trimmed files: not the LLM)
+        newline = llm_tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(newline) != 1:
+            raise ValueError(f"the OPT tokenizer encodes a newline as {newline}, not one token")
+        return {"eos_token_id": newline[0], "pad_token_id": llm_tokenizer.pad_token_id,
+                "bos_token_id": llm_tokenizer.bos_token_id}
+    return {}
