@@ -402,3 +402,48 @@ def test_blip2_opt_equals_lavis(kind, tmp_path):
                               "blip2_opt/pretrain_opt2.7b", "--tokenizer", str(TOKENIZER), *extra],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "--llm" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# ------------------------------------------------------------------ BLIP-2 stage 2: Flan-T5 (LAVIS 1.0.2)
+T5_PROMPTS = {  # the harness's prompts (variants.py: blip2_t5.caption_prompt, vqa_prompts)
+    "caption": ["a photo of"] * 3,
+    "vqa_prompt": ["Question: what shape? Short answer:", "Question: what color is it? Short answer:",
+                   "describe the image"],
+}
+
+
+@pytest.fixture(scope="module")
+def blip2_t5(tmp_path_factory):
+    root, out = tmp_path_factory.mktemp("t5"), {}
+    for kind in ("full", "trimmed"):
+        folder = FIXTURES / "blip2_t5"
+        src = folder / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
+        extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
+        done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(root / kind), "--lavis",
+                               "blip2_t5/pretrain_flant5xl", "--tokenizer", str(TOKENIZER), "--heads",
+                               "vision=4,text=3", "--llm", str(FIXTURES / "flan-t5-tiny"), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[kind] = blip_jax.load(root / kind)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "trimmed"])
+def test_blip2_t5_equals_lavis(blip2_t5, kind):
+    """Blip2T5: exact-erf GELU in the LLM (LAVIS's override), the projected queries, greedy and
+    beam-3 ids after its caption prompt and three VQA prompts."""
+    model = blip2_t5[kind]
+    folder = FIXTURES / "blip2_t5"
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    assert model.config.llm.activation == ref["dense_act_fn_used"] == "gelu"
+    pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
+    _close(model.image_embeddings(pixels), arrays["image_embeds_ln"], "T5 model ViT + ln_vision")
+    prefix = model._prefixes(model.preprocess(pixels), np.arange(len(pixels)), [""] * len(pixels))
+    _close(prefix, arrays["t5_proj_out"], "T5 model projected queries")
+    options = dict(max_new_tokens=ref["generate_kwargs"]["max_length"], min_new_tokens=0, repetition_penalty=1.0,
+                   length_penalty=1.0)
+    for beams in (1, 3):
+        for name in ("caption", "vqa_prompt"):
+            theirs = np.asarray(ref[f"generate_{name}_beam{beams}"]["ids"])[:, 1:]  # after the decoder start
+            ours = model._generate_ids(pixels, T5_PROMPTS[name], {**options, "num_beams": beams})
+            np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)

@@ -192,9 +192,9 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
         generation = lavis.generation_config(arch, llm_tok)
         # LAVIS's decoding facts are the model's: e.g. Blip2OPT's texts end at "\n"
         llm_config = dataclasses.replace(FAMILIES[family].config.from_hf(read_hf_config(llm_dir)),
-                                         **{k: v for k, v in generation.items() if k == "eos_token_id"})
-        # trimmed: the LLM's own weights (LAVIS's trimmed files keep only a tied lm_head of it)
-        if not any(k.startswith(llm_prefix) and ".lm_head." not in f".{k}" for k in state):
+                                         **{k: v for k, v in generation.items() if k == "eos_token_id"},
+                                         **lavis.LLM_OVERRIDES.get(arch, {}))
+        if lavis.llm_is_trimmed(state, llm_prefix):  # the LLM's own weights, from its directory
             llm_reader = CheckpointReader(llm_dir)
     config = lavis.blip2_config(state, architecture, heads, family, llm_config).replace(
         param_dtype=param_dtype, frozen_param_dtype=param_dtype, scan_layers=scan_layers)
@@ -203,7 +203,7 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
     if config.has_qformer_text and len(tok) != config.qformer_vocab_size:
         raise ValueError(f"the checkpoint's Q-Former vocabulary has {config.qformer_vocab_size} tokens, the tokenizer "
                          f"{len(tok)} (LAVIS's is bert-base-uncased plus [DEC]): give its --tokenizer")
-    tensors = lavis.Blip2Tensors(state, llm_prefix, proj_prefix, llm_reader)
+    tensors = lavis.Blip2Tensors(state, llm_prefix, proj_prefix, llm_reader, lavis.LLM_WEIGHT_DTYPES.get(arch))
     params, ignored = blip2_keys.load_params(tensors, config, progress=progress,
                                              what=f"{src} does not match LAVIS {model_type}")
     report = _report(src, config, params, ignored, scan_layers, param_dtype, None)

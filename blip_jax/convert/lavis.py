@@ -22,9 +22,15 @@ from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 BLIP_CLASSES = {"blip_caption": "caption", "blip_retrieval": "retrieval", "blip_vqa": "vqa",
                 "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval"}
 # BLIP-2 classes read so far -> blip-jax BLIP-2 architecture (stage 1: the Q-Former with its heads)
-BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval", "blip2_opt": "generation"}
+BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval", "blip2_opt": "generation",
+                 "blip2_t5": "generation"}
 # LAVIS BLIP-2 class -> (its LLM's state-dict prefix, its projection's, blip-jax LLM family)
-LLM_PARTS = {"blip2_opt": ("opt_model.", "opt_proj.", "opt")}
+LLM_PARTS = {"blip2_opt": ("opt_model.", "opt_proj.", "opt"), "blip2_t5": ("t5_model.", "t5_proj.", "t5")}
+# What a LAVIS class changes in its LLM's config: Blip2T5 forces T5's FFN to exact (erf) GELU
+LLM_OVERRIDES = {"blip2_t5": {"activation": "gelu"}}
+# ...and in its weights: Blip2T5 casts T5 to bfloat16 when it loads it, so the LLM LAVIS ran (and the
+# full .pth it saves) holds bfloat16 values; an LLM read from its own directory is rounded the same way
+LLM_WEIGHT_DTYPES = {"blip2_t5": "bfloat16"}
 LAVIS_LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is torch's LayerNorm default, beside EVA's 1e-6 blocks
 EVA_HEADS = 16  # EVA ViT-g (width 1408) and CLIP ViT-L (1024): 16 heads
 LAVIS_VIT_EPS = 1e-6  # timm's ViT in LAVIS (transformers' BLIP config says 1e-5)
@@ -224,10 +230,12 @@ class Blip2Tensors(RenamedTensors):
     """A LAVIS BLIP-2 state dict under transformers' BLIP-2 names; EVA's q / v biases become the
     fused qkv bias transformers holds (the key bias is zero: EVA has none)."""
 
-    def __init__(self, state: dict, llm_prefix: str = "", proj_prefix: str = "", llm_reader=None):
+    def __init__(self, state: dict, llm_prefix: str = "", proj_prefix: str = "", llm_reader=None,
+                 llm_rounding: str | None = None):
         import torch
 
         self.llm_prefix, self.proj_prefix, self.llm_reader = llm_prefix, proj_prefix, llm_reader
+        self.llm_rounding = llm_rounding
         # the ITG head's output weights are the Q-Former's word embeddings (tied): stored once
         state = {k: v for k, v in state.items() if not k.startswith("Qformer.cls.predictions.decoder.")}
         for key in [k for k in state if k.endswith(".attn.q_bias")]:
@@ -250,7 +258,15 @@ class Blip2Tensors(RenamedTensors):
 
     def __getitem__(self, key: str):
         source = self.names[key]
-        return self.llm_reader[key[len("language_model."):]] if source is None else self.state[source]
+        if source is not None:
+            return self.state[source]
+        value = self.llm_reader[key[len("language_model."):]]
+        if self.llm_rounding:
+            import ml_dtypes
+            import numpy as np
+
+            value = np.asarray(value).astype(getattr(ml_dtypes, self.llm_rounding)).astype(np.asarray(value).dtype)
+        return value
 
     def shape(self, key: str) -> tuple[int, ...]:
         source = self.names[key]
@@ -294,6 +310,12 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_
                        embed_dim=state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
                        qformer_vocab_size=vocab, qformer_max_positions=positions.shape[0] if positions is not None else 512,
                        stage1_heads="Qformer.cls.predictions.bias" in state, ln_vision_eps=LAVIS_LN_VISION_EPS)
+
+
+def llm_is_trimmed(state: dict, prefix: str) -> bool:
+    """Whether a checkpoint lacks its LLM's layers (LAVIS's trimmed files keep only tied embeddings /
+    lm_head of it)."""
+    return not any(k.startswith(prefix) and re.search(r"\.(layers|block)\.\d+\.", k) for k in state)
 
 
 def generation_config(arch: str, llm_tokenizer) -> dict:
