@@ -159,7 +159,7 @@ def test_a_checkpoint_of_another_class_or_unreadable_is_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert evil.returncode == 2 and "pickled objects" in evil.stderr and "Traceback" not in evil.stderr
     other = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(CHECKPOINT["blip_caption"]),
-                            str(tmp_path / "o4"), "--lavis", "blip2_opt/pretrain_opt2.7b", "--tokenizer",
+                            str(tmp_path / "o4"), "--lavis", "blip2_vicuna_instruct/vicuna7b", "--tokenizer",
                             str(TOKENIZER)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "not yet supported" in other.stderr
 
