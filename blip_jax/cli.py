@@ -347,13 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from blip_jax import errors
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:  # the `blip-jax` command itself: a process of its own, so the cache is its to turn on
+        argv = sys.argv[1:]
+        enable_compilation_cache()
+    argv = list(argv)  # (called from Python, e.g. tests, JAX's global config is left as it is)
     command = next((a for a in argv if not a.startswith("-")), "")
     return errors.run(command, _dispatch, argv)
 
 
 def _dispatch(argv: list[str]) -> int:
-    enable_compilation_cache()
     if argv[:1] == ["train"]:  # absl flags with ml_collections configs (see blip_jax.train.main)
         from blip_jax.train.main import main as train_main
 
