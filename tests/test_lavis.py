@@ -304,19 +304,25 @@ def test_a_pretraining_run_continues_a_lavis_pretraining_checkpoint(lavis, tmp_p
 
 
 # ------------------------------------------------------------------ BLIP-2 stage 1 (Blip2Qformer)
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    """"full" / "trimmed" -> the LAVIS stage-1 model converted from model.pth / model_trimmed.pth + --vision."""
-    root, out = tmp_path_factory.mktemp("stage1"), {}
+def _blip2(root: Path, folder: str, model_type: str, llm: str | None = None) -> dict:
+    """"full" / "trimmed" -> a LAVIS BLIP-2 model converted from model.pth / model_trimmed.pth
+    (+ the EVA ViT's own file, and the LLM's directory)."""
+    out = {}
     for kind in ("full", "trimmed"):
-        src = FIXTURES / "blip2_qformer" / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
+        src = FIXTURES / folder / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
         extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
+        extra += ["--llm", str(FIXTURES / llm)] if llm else []
         done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(root / kind), "--lavis",
-                               "blip2/pretrain", "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3", *extra],
+                               model_type, "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3", *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         out[kind] = blip_jax.load(root / kind)
     return out
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    return _blip2(tmp_path_factory.mktemp("stage1"), "blip2_qformer", "blip2/pretrain")
 
 
 @pytest.mark.parametrize("kind", ["full", "trimmed"])
@@ -370,19 +376,19 @@ def test_blip2_stage1_losses_equal_lavis(stage1):
 
 
 # ------------------------------------------------------------------ BLIP-2 stage 2: OPT (LAVIS 1.0.2)
+@pytest.fixture(scope="module")
+def blip2_opt(tmp_path_factory):
+    return _blip2(tmp_path_factory.mktemp("opt"), "blip2_opt", "blip2_opt/pretrain_opt2.7b", "opt-tiny")
+
+
 @pytest.mark.parametrize("kind", ["full", "trimmed"])
-def test_blip2_opt_equals_lavis(kind, tmp_path):
+def test_blip2_opt_equals_lavis(blip2_opt, kind, tmp_path):
     """Blip2OPT: the projected queries, and greedy / beam-3 ids after its caption prompt and a VQA
     prompt, ending at "\\n" (LAVIS's eos for OPT, written to generation_config.json)."""
     folder = FIXTURES / "blip2_opt"
     src = folder / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
     extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
-    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "opt"), "--lavis",
-                           "blip2_opt/pretrain_opt2.7b", "--tokenizer", str(TOKENIZER), "--heads", "vision=4,text=3",
-                           "--llm", str(FIXTURES / "opt-tiny"), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    model = blip_jax.load(tmp_path / "opt")
+    model = blip2_opt[kind]
     ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
     pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
     assert model.config.llm.eos_token_id == ref["eos_token_id(\\n)"]  # LAVIS's OPT texts end at "\\n"
@@ -414,18 +420,7 @@ T5_PROMPTS = {  # the harness's prompts (variants.py: blip2_t5.caption_prompt, v
 
 @pytest.fixture(scope="module")
 def blip2_t5(tmp_path_factory):
-    root, out = tmp_path_factory.mktemp("t5"), {}
-    for kind in ("full", "trimmed"):
-        folder = FIXTURES / "blip2_t5"
-        src = folder / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
-        extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
-        done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(root / kind), "--lavis",
-                               "blip2_t5/pretrain_flant5xl", "--tokenizer", str(TOKENIZER), "--heads",
-                               "vision=4,text=3", "--llm", str(FIXTURES / "flan-t5-tiny"), *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        out[kind] = blip_jax.load(root / kind)
-    return out
+    return _blip2(tmp_path_factory.mktemp("t5"), "blip2_t5", "blip2_t5/pretrain_flant5xl", "flan-t5-tiny")
 
 
 @pytest.mark.parametrize("kind", ["full", "trimmed"])
