@@ -107,8 +107,19 @@ def stored_paths(directory: str | Path) -> list[str]:
     root = Path(directory).absolute() / PARAMS
     if (root / PARTS).exists():
         return [p for paths in json.loads((root / PARTS).read_text())["parts"] for p in paths]
+    return list(stored_shapes(directory))
+
+
+def stored_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined path: shape} of every stored parameter, from the metadata (no array is read)."""
+    root = Path(directory).absolute() / PARAMS
+    checkpoints = sorted(root.glob("part_*")) if (root / PARTS).exists() else [root]
+    out = {}
     with ocp.PyTreeCheckpointer() as ckptr:
-        return list(traverse_util.flatten_dict(ckptr.metadata(root).tree, sep="/"))
+        for path in checkpoints:
+            tree = dict(ckptr.metadata(path).item_metadata)
+            out.update({k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()})
+    return out
 
 
 def _restore(path: Path, target):

@@ -8,7 +8,7 @@ import sys
 
 DEBUG_FLAG = "--debug"
 # What a user's input can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, LookupError)
+USER_ERRORS = (ValueError, OSError, LookupError)  # LookupError: KeyError and IndexError
 
 
 def root_cause(e: BaseException) -> BaseException:

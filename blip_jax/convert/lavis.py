@@ -184,7 +184,7 @@ def momentum_state(state: dict, config: BlipConfig) -> dict:
             if key.startswith(prefix):
                 twins[online + key[len(prefix):]] = value
     shapes = param_shapes(config.replace(architecture="pretrain", scan_layers=False))
-    expected = {k: v for k, v in expected_params({k: shapes[k] for k in MOMENTUM_KEYS}).items()}
+    expected = expected_params({k: shapes[k] for k in MOMENTUM_KEYS})
     flat, _ = map_weights(RenamedTensors(twins), expected, blip_keys.hf_key, what="the momentum encoders",
                           ignore=blip_keys.IGNORED)
     as_numpy = lambda t: np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t)  # noqa: E731
@@ -261,12 +261,13 @@ class Blip2Tensors(RenamedTensors):
         if source is not None:
             return self.state[source]
         value = self.llm_reader[key[len("language_model."):]]
-        if self.llm_rounding:
-            import ml_dtypes
-            import numpy as np
+        if not self.llm_rounding:
+            return value
+        import ml_dtypes
+        import numpy as np
 
-            value = np.asarray(value).astype(getattr(ml_dtypes, self.llm_rounding)).astype(np.asarray(value).dtype)
-        return value
+        value = np.asarray(value)
+        return value.astype(getattr(ml_dtypes, self.llm_rounding)).astype(value.dtype)
 
     def shape(self, key: str) -> tuple[int, ...]:
         source = self.names[key]

@@ -237,7 +237,7 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
 def _saved_extra(path: Path, target: dict) -> dict:
     """The stage's extra state as a model directory stored it (momentum encoders, queues), checked
     against what this run builds (its queue size, its encoders' shapes)."""
-    stored = {p: tuple(s) for p, s in _stored_shapes(path).items()}
+    stored = checkpoint.stored_shapes(path)
     wanted = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(target, sep="/").items()}
     if stored != wanted:
         differ = sorted(p for p in set(stored) | set(wanted) if stored.get(p) != wanted.get(p))
@@ -245,18 +245,6 @@ def _saved_extra(path: Path, target: dict) -> dict:
                          f"builds {wanted.get(differ[0])}); match loss.queue_size and the model's sizes to it")
     logging.info("momentum encoders and queues continued from %s", path)
     return checkpoint.restore_params(path, target)
-
-
-def _stored_shapes(path: Path) -> dict:
-    import orbax.checkpoint as ocp
-
-    root = path / checkpoint.PARAMS
-    out = {}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        for part in sorted(root.glob("part_*")):
-            tree = dict(ckptr.metadata(part).item_metadata)
-            out.update({k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()})
-    return out
 
 
 def opt_state_shardings(opt_state, param_shardings, mesh: Mesh):
