@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random transformers BLIP checkpoints and their blip-jax conversions."""
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -13,6 +14,18 @@ os.environ["BLIP_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="blip_jax_test_jax_ca
 atexit.register(shutil.rmtree, os.environ["BLIP_JAX_CACHE_DIR"], True)
 
 ARCHITECTURES = ("caption", "retrieval", "vqa")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Each CPU executable holds memory maps of
+    its own, and the whole suite in one process compiles enough of them to pass the kernel's
+    vm.max_map_count (65530): the next compile then segfaults inside XLA."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
