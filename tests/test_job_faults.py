@@ -314,14 +314,24 @@ def test_training_killed_between_checkpoints_resumes_to_the_uninterrupted_model(
 
 
 def test_evaluation_killed_mid_job_resumes_to_the_same_results(eval_data, converted, tmp_path):
+    # The killed run's last image is a named pipe: reading it blocks, so the job is surely mid-way
+    # (some shards written, never all) when it is killed, however fast the machine; then the real
+    # image takes the pipe's place and the job resumes.
+    data = tmp_path / "data"
+    shutil.copytree(eval_data, data)
     args = ["eval", f"--config={ROOT / 'configs' / 'eval' / 'caption.py'}:coco", "--noprogress",
-            f"--ckpt={converted('caption')}", "--config.data.kind=json", f"--config.data.path={eval_data / 'captions.json'}",
-            f"--config.data.image_root={eval_data / 'images'}", "--config.batch_size=1", "--config.shard_size=1"]
+            f"--ckpt={converted('caption')}", "--config.data.kind=json", f"--config.data.path={data / 'captions.json'}",
+            f"--config.data.image_root={data / 'images'}", "--config.batch_size=1", "--config.shard_size=1"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert blip_jax(*args, f"--workdir={whole}").returncode == 0
+    last = data / "images" / "3.png"
+    last.unlink()
+    os.mkfifo(last)
     shards = killed / "shards" / "captions"
     _kill_when([*args, f"--workdir={killed}"], lambda: shards.is_dir() and any(shards.glob("[0-9]*.jsonl")))
     assert len(list(shards.glob("[0-9]*.jsonl"))) < 4 and not (killed / "results.json").exists()
+    last.unlink()
+    shutil.copy(eval_data / "images" / "3.png", last)
     assert blip_jax(*args, f"--workdir={killed}").returncode == 0
     ours, reference = (json.loads((w / "results.json").read_text()) for w in (killed, whole))
     assert ours["metrics"] == reference["metrics"]
