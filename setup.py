@@ -9,7 +9,8 @@ REQUIREMENTS = [
     if line.strip() and not line.startswith("#")
 ]
 # torch is pinned to the CPU build that pip finds on local disk; an unpinned torch pulls CUDA wheels.
-CONVERT = ["torch==2.13.0", "transformers>=5.0"]
+# sentencepiece reads LLaMA / Vicuna tokenizer.model files (LAVIS's Vicuna directories have no tokenizer.json).
+CONVERT = ["torch==2.13.0", "transformers>=5.0", "sentencepiece"]
 
 setup(
     name="blip-jax",

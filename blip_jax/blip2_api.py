@@ -20,7 +20,7 @@ import numpy as np
 
 from blip_jax import generation
 from blip_jax.batching import TEXT_PAD_MULTIPLE, as_list, pad_rows, pad_width, pair_up, texts_of
-from blip_jax.model_base import ModelBase
+from blip_jax.model_base import MODEL_GENERATION_FACTS, ModelBase
 from blip_jax.models.blip2 import Blip2, Blip2Config
 from blip_jax.models.config import DTYPES
 from blip_jax.prompts import BLIP2_CAPTION, BLIP2_VQA, CAPTION_PROMPTS, VQA_TEMPLATES, task_options
@@ -195,8 +195,10 @@ class Blip2Model(ModelBase):
 
     def _generation_config(self, defaults: dict, options: dict) -> generation.GenerationConfig:
         llm = self.config.llm
+        # what the repetition penalty sees is the model's (LAVIS: not the prompt), whatever the task
+        facts = {k: v for k, v in self.checkpoint_generation_options().items() if k in MODEL_GENERATION_FACTS}
         return generation.GenerationConfig.from_kwargs(
-            **{**task_options(defaults, options), "eos_token_id": llm.eos_token_id,
+            **{**facts, **task_options(defaults, options), "eos_token_id": llm.eos_token_id,
                "pad_token_id": self.tokenizer.pad_token_id, **options})
 
     def _as_new_tokens(self, options: dict, prompts: list[str]) -> dict:

@@ -72,6 +72,11 @@ class GenerationConfig:
     top_k: int = 50  # only used when sampling; 0 disables
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # LAVIS's semantics: transformers 4.33 generating from inputs_embeds (the prompt as embeddings)
+    # starts the sequence with this id (LLaMA's bos, T5's decoder start). Then the repetition penalty
+    # sees this id and the new tokens, not the prompt, and a beam cut at max_new_tokens is scored over
+    # one more token than it generated (4.33's finalize counts the start). None: transformers 5.
+    inputs_embeds_start_id: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never"
     num_return_sequences: int = 1
@@ -120,6 +125,9 @@ class GenerationConfig:
         check(is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
         check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        check(self.inputs_embeds_start_id is None or (is_int(self.inputs_embeds_start_id)
+                                                      and self.inputs_embeds_start_id >= 0),
+              f"inputs_embeds_start_id must be None or an int >= 0, got {self.inputs_embeds_start_id!r}")
         check(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool),
               f"length_penalty must be a number, got {self.length_penalty!r}")
         check(self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never",
@@ -148,12 +156,15 @@ class GenerationOutput(NamedTuple):
 # Logits processors (HF semantics). All act on float32 scores [R, V].
 
 
-def repetition_penalty(scores, seqs, valid, penalty):
+def repetition_penalty(scores, seqs, valid, penalty, start_id=None):
     """HF RepetitionPenaltyLogitsProcessor: every token id present in ``seqs`` where ``valid``
-    gets its score divided by ``penalty`` (if positive) or multiplied by it (if negative)."""
+    (and ``start_id``, when given) gets its score divided by ``penalty`` (if positive) or multiplied
+    by it (if negative)."""
     r, v = scores.shape
     ids = jnp.where(valid & (seqs < v) & (seqs >= 0), seqs, v)  # v = "nothing" (dropped)
     present = jnp.zeros((r, v + 1), bool).at[jnp.arange(r)[:, None], ids].set(True)[:, :v]
+    if start_id is not None and start_id < v:
+        present = present.at[:, start_id].set(True)
     return jnp.where(present, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
@@ -195,8 +206,9 @@ def _process(config, scores, seqs, cur, prompt_len, pad_len, eos):
     (prompt_ignore_length = index of the first 1 of the prompt mask)."""
     if config.repetition_penalty != 1.0:
         pos = jnp.arange(seqs.shape[1])[None]
-        valid = (pos < cur) & (pos >= pad_len[:, None])
-        scores = repetition_penalty(scores, seqs, valid, config.repetition_penalty)
+        start = config.inputs_embeds_start_id
+        valid = (pos < cur) & (pos >= (pad_len[:, None] if start is None else prompt_len))
+        scores = repetition_penalty(scores, seqs, valid, config.repetition_penalty, start)
     if config.min_new_tokens > 0 and eos.size:
         banned = _is_eos(jnp.arange(scores.shape[-1]), eos)[None] & (cur - prompt_len < config.min_new_tokens)
         scores = jnp.where(banned, -jnp.inf, scores)
@@ -275,7 +287,7 @@ def _generate_impl(step_fn, config, params, cache, prompt_ids, prompt_mask, key)
     es, lp = config.early_stopping, config.length_penalty
     n_keep = max(2, 1 + eos.size) * k  # candidates kept per step, so >= k of them are not eos
     # HF divides float32 scores by the Python float n ** length_penalty; tabulate it exactly.
-    lp_table = jnp.asarray([1.0] + [float(n) ** lp for n in range(1, n_new + 1)], f32)
+    lp_table = jnp.asarray([1.0] + [float(n) ** lp for n in range(1, n_new + 2)], f32)
     top_k_mask = jnp.arange(n_keep) < k
 
     def gather(x, idx):  # x [B, M, ...], idx [B, J] -> [B, J, ...]
@@ -299,7 +311,10 @@ def _generate_impl(step_fn, config, params, cache, prompt_ids, prompt_mask, key)
 
         # finished hypotheses: merge the newly stopped top-k candidates into the k best so far
         did = hits & top_k_mask[None]
-        fin_lp = top_lp / lp_table[c + 1 - t]
+        length = c + 1 - t
+        if config.inputs_embeds_start_id is not None:  # 4.33 scores a beam cut at max length with its start
+            length = length + (hits & ~_is_eos(tok, eos)).astype(jnp.int32)
+        fin_lp = top_lp / lp_table[length]
         if es is True:
             fin_lp = fin_lp + (st["fin"].all(-1, keepdims=True)).astype(f32) * _NEG
         fin_lp = fin_lp + (~st["unsat"])[:, None].astype(f32) * _NEG

@@ -26,7 +26,10 @@ TASKS = {
 GENERATION_CONFIG = "generation_config.json"
 # transformers' GenerationConfig fields that map one to one onto ours (max_length is converted).
 _GENERATION_FIELDS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_k",
-                      "top_p", "repetition_penalty", "length_penalty", "early_stopping", "num_return_sequences")
+                      "top_p", "repetition_penalty", "length_penalty", "early_stopping", "num_return_sequences",
+                      "inputs_embeds_start_id")
+# ...of which these are facts of the model (blip-jax's own keys: LAVIS's semantics), used by every task
+MODEL_GENERATION_FACTS = ("inputs_embeds_start_id",)
 
 
 class UnsupportedTaskError(ValueError):

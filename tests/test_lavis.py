@@ -159,9 +159,16 @@ def test_a_checkpoint_of_another_class_or_unreadable_is_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert evil.returncode == 2 and "pickled objects" in evil.stderr and "Traceback" not in evil.stderr
     other = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(CHECKPOINT["blip_caption"]),
-                            str(tmp_path / "o4"), "--lavis", "blip2_vicuna_instruct/vicuna7b", "--tokenizer",
+                            str(tmp_path / "o4"), "--lavis", "img2prompt_vqa/base", "--tokenizer",
                             str(TOKENIZER)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "not yet supported" in other.stderr
+    # a BLIP-2 OPT file named as InstructBLIP: its Q-Former has no text FFN for the instruction
+    named = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(FIXTURES / "blip2_opt" / "model.pth"),
+                            str(tmp_path / "o5"), "--lavis", "blip2_vicuna_instruct/vicuna7b", "--tokenizer",
+                            str(TOKENIZER), "--llm", str(FIXTURES / "vicuna-tiny"), "--heads", "vision=4,text=3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert named.returncode == 2 and "InstructBLIP" in named.stderr and "Traceback" not in named.stderr
+    assert not (tmp_path / "o5").exists()
 
 
 # ------------------------------------------------------------------ the training objectives' losses
@@ -442,3 +449,90 @@ def test_blip2_t5_equals_lavis(blip2_t5, kind):
             theirs = np.asarray(ref[f"generate_{name}_beam{beams}"]["ids"])[:, 1:]  # after the decoder start
             ours = model._generate_ids(pixels, T5_PROMPTS[name], {**options, "num_beams": beams})
             np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
+
+
+# ------------------------------------------------------------------ InstructBLIP (LAVIS main)
+INSTRUCT = {"vicuna": ("blip2_vicuna_instruct", "blip2_vicuna_instruct/vicuna7b", "vicuna-tiny", "llm_proj"),
+            "t5": ("blip2_t5_instruct", "blip2_t5_instruct/flant5xl", "flan-t5-tiny", "t5_proj")}
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory):
+    """"vicuna" / "t5" -> {"full", "trimmed"} converted InstructBLIP models."""
+    root = tmp_path_factory.mktemp("instruct")
+    return {name: _blip2(root / name, folder, model_type, llm)
+            for name, (folder, model_type, llm, _) in INSTRUCT.items()}
+
+
+def _until_eos(ids: np.ndarray, eos: int) -> list[list[int]]:
+    """Each row up to and including its first eos (what follows is padding, which LAVIS maps to 2)."""
+    rows = []
+    for row in np.asarray(ids).tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["full", "trimmed"])
+@pytest.mark.parametrize("name", ["vicuna", "t5"])
+def test_instructblip_equals_lavis(instruct, name, kind):
+    """Blip2VicunaInstruct / Blip2T5Instruct: the instruction in the Q-Former, the projected queries,
+    Vicuna's [PAD] and </s> bos (left-padded prompts equal to LAVIS's ids), greedy and beam-3 ids and
+    texts for per-image instructions and one shared prompt under LAVIS's generate() defaults
+    (repetition penalty 1.5, counted over what transformers 4.33 generated from inputs_embeds)."""
+    folder_name, _, _, proj = INSTRUCT[name]
+    folder = FIXTURES / folder_name
+    model = instruct[name][kind]
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    assert model.config.instruct and model.qformer_tokenizer.truncation_side == "left"
+    pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
+    instructions = ref["train_samples"]["text_input"]  # the harness's instructions, one per image
+    prefix = model._prefixes(model.preprocess(pixels), np.arange(len(pixels)), instructions)
+    _close(prefix, arrays[f"gen_instr_{proj}_out"], f"InstructBLIP {name} projected queries")
+    if name == "vicuna":
+        enc = model.tokenizer(instructions, padding="longest", padding_side="left")
+        np.testing.assert_array_equal(enc["input_ids"], ref["tokenized_instr_left_padded"])
+    else:
+        assert model.config.llm.activation == "gelu"
+    eos = model.config.llm.eos_token_id
+    single = ["describe the image."] * len(pixels)  # variants.py (blipjax): instruct.single_prompt
+    for prompts, key in ((instructions, "instr"), (single, "single")):
+        for beams in (1, 3):
+            theirs = ref[f"generate_{key}_beam{beams}"]
+            new = np.asarray(theirs["ids"])[:, 1:]  # after <s> (Vicuna) or the decoder start (T5)
+            ours = model._generate_ids(pixels, prompts, {"max_new_tokens": new.shape[1], "num_beams": beams})
+            assert _until_eos(ours, eos) == _until_eos(new, eos), (key, beams)
+            texts = model.generate(pixels, prompts, max_new_tokens=new.shape[1], num_beams=beams)
+            assert [t.strip() for t in texts] == theirs["text"]
+
+
+@pytest.mark.parametrize("name", ["vicuna", "t5"])
+def test_instructblip_loss_equals_lavis(instruct, name):
+    """blip-jax's InstructBLIP objective, its examples made from LAVIS's (instruction, output) batch
+    by the training input pipeline, equals LAVIS's forward loss on the same weights."""
+    import jax
+
+    from blip_jax.config_files import load_config
+    from blip_jax.models.blip2 import Blip2
+    from blip_jax.train import inputs
+    from blip_jax.train.objectives import blip2 as objectives
+
+    folder_name = INSTRUCT[name][0]
+    folder = FIXTURES / folder_name
+    model = instruct[name]["full"]
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    cfg = load_config(ROOT / "configs" / f"instructblip_{name}.py", "tiny")
+    cfg.model.init_from = str(model.path)
+    # LAVIS's max_txt_len / max_output_txt_len of the fixture's model
+    cfg.data.update(max_text_len=32, max_prompt_len=ref["config"]["max_txt_len"],
+                    max_target_len=ref["config"]["max_output_txt_len"])
+    encoder_decoder = model.config.family.encoder_decoder
+    task = inputs.Task(cfg, inputs.stage_of(cfg), None, model.config.vision.image_size, *inputs.tokenizers(cfg),
+                       encoder_decoder)
+    samples = ref["train_samples"]
+    rows = [task.stage.example(task, {"instruction": i, "output": o}, np.random.default_rng(0))
+            for i, o in zip(samples["text_input"], samples["text_output"])]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    batch["pixels"] = jnp.asarray(arrays["pixel_values"].transpose(0, 2, 3, 1))
+    loss, _, _ = objectives.language_modeling(Blip2(model.config), model.params, batch, jax.random.PRNGKey(0),
+                                              cfg.loss, {})
+    _relative(loss, arrays["loss"][0], f"InstructBLIP {name} LM loss")

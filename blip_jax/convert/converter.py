@@ -188,7 +188,7 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
         import transformers
 
         llm_dir = Path(llm_dir)
-        llm_tok = transformers.AutoTokenizer.from_pretrained(str(llm_dir), use_fast=True)
+        llm_tok = lavis.lavis_llm_tokenizer(arch, transformers.AutoTokenizer.from_pretrained(str(llm_dir), use_fast=True))
         generation = lavis.generation_config(arch, llm_tok)
         # LAVIS's decoding facts are the model's: e.g. Blip2OPT's texts end at "\n"
         llm_config = dataclasses.replace(FAMILIES[family].config.from_hf(read_hf_config(llm_dir)),
@@ -196,18 +196,30 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
                                          **lavis.LLM_OVERRIDES.get(arch, {}))
         if lavis.llm_is_trimmed(state, llm_prefix):  # the LLM's own weights, from its directory
             llm_reader = CheckpointReader(llm_dir)
-    config = lavis.blip2_config(state, architecture, heads, family, llm_config).replace(
+            if arch in lavis.LLM_SPECIAL_TOKENS:  # rows for the tokens LAVIS adds (Vicuna's [PAD])
+                llm_vocab = max(llm_config.vocab_size, len(llm_tok))
+        elif arch in lavis.LLM_SPECIAL_TOKENS:  # the file holds LAVIS's resized embeddings
+            llm_vocab = state[llm_prefix + "model.embed_tokens.weight"].shape[0]
+        if arch in lavis.LLM_SPECIAL_TOKENS:
+            llm_config = dataclasses.replace(llm_config, vocab_size=llm_vocab)
+    instruct = arch in lavis.INSTRUCT_CLASSES
+    config = lavis.blip2_config(state, architecture, heads, family, llm_config, instruct).replace(
         param_dtype=param_dtype, frozen_param_dtype=param_dtype, scan_layers=scan_layers)
-    # the Q-Former's tokenizer: bert-base-uncased plus [DEC] (its bos), as LAVIS's Blip2Base adds it
-    tok = BlipTokenizer.from_vocab(tokenizer / "vocab.txt", extra_special_tokens=[])
+    # the Q-Former's tokenizer: bert-base-uncased plus [DEC] (its bos), as LAVIS's Blip2Base adds it;
+    # InstructBLIP's cuts instructions from the left
+    tok = BlipTokenizer.from_vocab(tokenizer / "vocab.txt", extra_special_tokens=[],
+                                   **(lavis.INSTRUCTION_TRUNCATION if instruct else {}))
     if config.has_qformer_text and len(tok) != config.qformer_vocab_size:
         raise ValueError(f"the checkpoint's Q-Former vocabulary has {config.qformer_vocab_size} tokens, the tokenizer "
                          f"{len(tok)} (LAVIS's is bert-base-uncased plus [DEC]): give its --tokenizer")
-    tensors = lavis.Blip2Tensors(state, llm_prefix, proj_prefix, llm_reader, lavis.LLM_WEIGHT_DTYPES.get(arch))
+    tensors = lavis.Blip2Tensors(state, llm_prefix, proj_prefix, llm_reader, lavis.LLM_WEIGHT_DTYPES.get(arch),
+                                 instruct=instruct, llm_vocab_size=llm_config.vocab_size if llm_reader else None)
     params, ignored = blip2_keys.load_params(tensors, config, progress=progress,
                                              what=f"{src} does not match LAVIS {model_type}")
     report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
     report["lavis_model_type"] = model_type
+    if tensors.added_rows:
+        report["llm_rows_added"] = tensors.added_rows  # mean rows for LAVIS's added tokens
 
     def side_files(tmp: Path) -> list[str]:
         size = config.vision.image_size
@@ -217,6 +229,10 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
             return ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
         llm_tok.save_pretrained(str(tmp))  # the LLM's tokenizer (fast), and the decoding facts for transformers
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        return ["tokenizer.json", "preprocessor_config.json", "generation_config.json"]
+        files = ["tokenizer.json", "preprocessor_config.json", "generation_config.json"]
+        if instruct:
+            tok.save(tmp / QFORMER_TOKENIZER)
+            files.append(QFORMER_TOKENIZER + "/")
+        return files
 
     return _write(dst, params, config, report, side_files, start, overwrite=overwrite, progress=progress)

@@ -1,4 +1,4 @@
-"""The authors' LAVIS `.pth` checkpoints (BLIP classes) read as blip-jax models.
+"""The authors' LAVIS `.pth` checkpoints (BLIP, BLIP-2 and InstructBLIP classes) read as blip-jax models.
 
     blip-jax convert model_base_caption_capfilt_large.pth DST --lavis blip_caption/large_coco --tokenizer BERT_DIR
 
@@ -23,14 +23,39 @@ BLIP_CLASSES = {"blip_caption": "caption", "blip_retrieval": "retrieval", "blip_
                 "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval"}
 # BLIP-2 classes read so far -> blip-jax BLIP-2 architecture (stage 1: the Q-Former with its heads)
 BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval", "blip2_opt": "generation",
-                 "blip2_t5": "generation"}
+                 "blip2_t5": "generation", "blip2_vicuna_instruct": "generation", "blip2_t5_instruct": "generation"}
+# InstructBLIP (LAVIS main): the instruction also enters the Q-Former, after the queries
+INSTRUCT_CLASSES = {"blip2_vicuna_instruct", "blip2_t5_instruct"}
 # LAVIS BLIP-2 class -> (its LLM's state-dict prefix, its projection's, blip-jax LLM family)
-LLM_PARTS = {"blip2_opt": ("opt_model.", "opt_proj.", "opt"), "blip2_t5": ("t5_model.", "t5_proj.", "t5")}
-# What a LAVIS class changes in its LLM's config: Blip2T5 forces T5's FFN to exact (erf) GELU
-LLM_OVERRIDES = {"blip2_t5": {"activation": "gelu"}}
-# ...and in its weights: Blip2T5 casts T5 to bfloat16 when it loads it, so the LLM LAVIS ran (and the
+LLM_PARTS = {"blip2_opt": ("opt_model.", "opt_proj.", "opt"), "blip2_t5": ("t5_model.", "t5_proj.", "t5"),
+             "blip2_vicuna_instruct": ("llm_model.", "llm_proj.", "llama"),
+             "blip2_t5_instruct": ("t5_model.", "t5_proj.", "t5")}
+# What a LAVIS class changes in its LLM's config: Blip2T5 / Blip2T5Instruct force T5's FFN to exact
+# (erf) GELU
+LLM_OVERRIDES = {"blip2_t5": {"activation": "gelu"}, "blip2_t5_instruct": {"activation": "gelu"}}
+# ...and in its weights: they cast T5 to bfloat16 when they load it, so the LLM LAVIS ran (and the
 # full .pth it saves) holds bfloat16 values; an LLM read from its own directory is rounded the same way
-LLM_WEIGHT_DTYPES = {"blip2_t5": "bfloat16"}
+LLM_WEIGHT_DTYPES = {"blip2_t5": "bfloat16", "blip2_t5_instruct": "bfloat16"}
+# ...and in its tokenizer: Blip2VicunaInstruct adds [PAD] (a new last row of the LLM's embeddings and
+# lm_head) and makes </s> its bos, eos and unk, so every prompt starts with </s>
+LLM_SPECIAL_TOKENS = {"blip2_vicuna_instruct": {"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>",
+                                                "unk_token": "</s>"}}
+# InstructBLIP's generate() defaults in LAVIS (beam 5, max_length 256, repetition penalty 1.5), and how
+# transformers 4.33 ran it: from inputs_embeds, after LLaMA's bos <s> (which max_length counts) or
+# T5's decoder start (blip_jax.generation: inputs_embeds_start_id)
+INSTRUCT_GENERATION = {
+    "blip2_vicuna_instruct": {"num_beams": 5, "max_new_tokens": 255, "repetition_penalty": 1.5,
+                              "inputs_embeds_start_id": 1},
+    "blip2_t5_instruct": {"num_beams": 5, "max_new_tokens": 256, "repetition_penalty": 1.5,
+                          "inputs_embeds_start_id": 0},
+}
+# InstructBLIP's Q-Former tokenizer cuts long instructions from the left (LAVIS's
+# init_tokenizer(truncation_side="left")) at max_txt_len, 128 in every released config
+INSTRUCTION_TRUNCATION = {"truncation_side": "left", "model_max_length": 128}
+# The LLM's buffers a LAVIS file may hold (LLaMA's rotary inverse frequencies): computed, not weights
+LLM_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
+# The LLM tensors with a row per token (input embeddings, untied output head)
+LLM_VOCAB_MATRIX = re.compile(r"(^|\.)(embed_tokens|shared|lm_head)\.weight$")
 LAVIS_LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is torch's LayerNorm default, beside EVA's 1e-6 blocks
 EVA_HEADS = 16  # EVA ViT-g (width 1408) and CLIP ViT-L (1024): 16 heads
 LAVIS_VIT_EPS = 1e-6  # timm's ViT in LAVIS (transformers' BLIP config says 1e-5)
@@ -231,11 +256,12 @@ class Blip2Tensors(RenamedTensors):
     fused qkv bias transformers holds (the key bias is zero: EVA has none)."""
 
     def __init__(self, state: dict, llm_prefix: str = "", proj_prefix: str = "", llm_reader=None,
-                 llm_rounding: str | None = None):
+                 llm_rounding: str | None = None, instruct: bool = False, llm_vocab_size: int | None = None):
         import torch
 
         self.llm_prefix, self.proj_prefix, self.llm_reader = llm_prefix, proj_prefix, llm_reader
-        self.llm_rounding = llm_rounding
+        self.llm_rounding, self.instruct, self.llm_vocab_size = llm_rounding, instruct, llm_vocab_size
+        self.added_rows = {}  # LLM tensor -> rows appended for tokens LAVIS added (reported)
         # the ITG head's output weights are the Q-Former's word embeddings (tied): stored once
         state = {k: v for k, v in state.items() if not k.startswith("Qformer.cls.predictions.decoder.")}
         for key in [k for k in state if k.endswith(".attn.q_bias")]:
@@ -253,40 +279,63 @@ class Blip2Tensors(RenamedTensors):
             return "language_projection." + key[len(self.proj_prefix):]
         for pattern, replacement in _QFORMER + _VIT:
             if re.search(pattern, key):
-                return re.sub(pattern, replacement, key)
+                key = re.sub(pattern, replacement, key)
+                break
+        if self.instruct:  # InstructBLIP's Q-Former holds its own embeddings (transformers' names)
+            key = re.sub(r"^(embeddings\.|qformer\.layernorm\.)",
+                         lambda m: "qformer.embeddings." + ("layernorm." if "layernorm" in m[1] else ""), key)
         return key
 
+    def _short_rows(self, name: str, shape) -> int:
+        """Rows the LLM directory's embedding / output matrix lacks for the tokens LAVIS added."""
+        if self.llm_vocab_size is None or not LLM_VOCAB_MATRIX.search(name) or len(shape) != 2:
+            return 0
+        return max(0, self.llm_vocab_size - shape[0])
+
     def __getitem__(self, key: str):
+        import numpy as np
+
         source = self.names[key]
         if source is not None:
             return self.state[source]
-        value = self.llm_reader[key[len("language_model."):]]
-        if not self.llm_rounding:
-            return value
-        import ml_dtypes
-        import numpy as np
+        name = key[len("language_model."):]
+        value = self.llm_reader[name]
+        if self.llm_rounding:
+            import ml_dtypes
 
-        value = np.asarray(value)
-        return value.astype(getattr(ml_dtypes, self.llm_rounding)).astype(value.dtype)
+            value = np.asarray(value)
+            value = value.astype(getattr(ml_dtypes, self.llm_rounding)).astype(value.dtype)
+        short = self._short_rows(name, value.shape)
+        if short:  # LAVIS draws the new rows at random; the mean row is the neutral choice
+            value = np.asarray(value)
+            value = np.concatenate([value, np.repeat(value.mean(0, keepdims=True), short, 0)])
+            self.added_rows[name] = short
+        return value
 
     def shape(self, key: str) -> tuple[int, ...]:
         source = self.names[key]
-        return tuple(self.llm_reader.shape(key[len("language_model."):]) if source is None
-                     else self.state[source].shape)
+        if source is not None:
+            return tuple(self.state[source].shape)
+        name = key[len("language_model."):]
+        shape = tuple(self.llm_reader.shape(name))
+        return (shape[0] + self._short_rows(name, shape),) + shape[1:]
 
 
-def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_family: str = "", llm=None):
+def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_family: str = "", llm=None,
+                 instruct: bool = False):
     """The blip-jax BLIP-2 config the tensors describe (EVA blocks at eps 1e-6, ln_vision at 1e-5,
     the Q-Former's sizes, queries and cross-attention frequency); `llm` the LLM's config (stage 2)."""
     from blip_jax.models.blip2 import Blip2Config
     from blip_jax.models.qformer import QFormerConfig
 
     heads = heads or {}
-    needed = ("visual_encoder.cls_token", "query_tokens") + (
-        ("Qformer.bert.embeddings.word_embeddings.weight",) if architecture == "retrieval" else ())
-    for key in needed:
+    for key in ("query_tokens", "visual_encoder.cls_token"):
         if key not in state:
             raise ValueError(f"not a LAVIS BLIP-2 checkpoint with its ViT: no {key} (for a trimmed file give --vision)")
+    words = "Qformer.bert.embeddings.word_embeddings.weight"  # the Q-Former's text input
+    if (architecture == "retrieval" or instruct) and words not in state:
+        kind = "InstructBLIP" if instruct else "BLIP-2 stage-1"
+        raise ValueError(f"not a LAVIS {kind} checkpoint: no {words} (its Q-Former reads no text)")
     width = state["visual_encoder.cls_token"].shape[-1]
     patch = state["visual_encoder.patch_embed.proj.weight"].shape[-1]
     grid = round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
@@ -306,7 +355,10 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_
                             intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
                             encoder_hidden_size=width, cross_attention_frequency=frequency,
                             use_qformer_text_input="Qformer.bert.encoder.layer.0.intermediate.dense.weight" in state)
-    return Blip2Config(architecture=architecture, vision=vision, qformer=qformer, llm_family=llm_family, llm=llm,
+    if instruct and not qformer.use_qformer_text_input:
+        raise ValueError("not a LAVIS InstructBLIP checkpoint: its Q-Former has no text FFN (intermediate.*)")
+    return Blip2Config(architecture=architecture, instruct=instruct, vision=vision, qformer=qformer,
+                       llm_family=llm_family, llm=llm,
                        num_query_tokens=state["query_tokens"].shape[1],
                        embed_dim=state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
                        qformer_vocab_size=vocab, qformer_max_positions=positions.shape[0] if positions is not None else 512,
@@ -316,7 +368,8 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_
 def llm_is_trimmed(state: dict, prefix: str) -> bool:
     """Whether a checkpoint lacks its LLM's layers (LAVIS's trimmed files keep only tied embeddings /
     lm_head of it)."""
-    return not any(k.startswith(prefix) and re.search(r"\.(layers|block)\.\d+\.", k) for k in state)
+    return not any(k.startswith(prefix) and re.search(r"\.(layers|block)\.\d+\.", k) and not LLM_BUFFERS.search(k)
+                   for k in state)
 
 
 def generation_config(arch: str, llm_tokenizer) -> dict:
@@ -328,4 +381,17 @@ def generation_config(arch: str, llm_tokenizer) -> dict:
             raise ValueError(f"the OPT tokenizer encodes a newline as {newline}, not one token")
         return {"eos_token_id": newline[0], "pad_token_id": llm_tokenizer.pad_token_id,
                 "bos_token_id": llm_tokenizer.bos_token_id}
+    if arch in INSTRUCT_CLASSES:
+        ids = {"eos_token_id": llm_tokenizer.eos_token_id, "pad_token_id": llm_tokenizer.pad_token_id,
+               "bos_token_id": llm_tokenizer.bos_token_id}
+        return {**INSTRUCT_GENERATION[arch], **{k: v for k, v in ids.items() if v is not None}}
     return {}
+
+
+def lavis_llm_tokenizer(arch: str, llm_tokenizer):
+    """The LLM tokenizer as the LAVIS class sets it up (Blip2VicunaInstruct's [PAD] and </s> bos)."""
+    special = LLM_SPECIAL_TOKENS.get(arch)
+    if special:
+        llm_tokenizer.add_special_tokens(special)
+        llm_tokenizer.update_post_processor()  # transformers re-reads bos / eos for the template
+    return llm_tokenizer

@@ -139,26 +139,40 @@ def _prompt_and_target(task, record: dict, rng: np.random.Generator) -> tuple[st
     raise BadRecord("bad_text", "a record with neither caption nor question")
 
 
+def _tokens(tok, text: str, limit: int, side: str, add_special_tokens: bool = True) -> list[int]:
+    """`text`'s tokens, cut on `side` to `limit` (0: not cut) with the special tokens kept."""
+    enc = tok(text, max_length=limit or None, truncation=bool(limit), truncation_side=side,
+              add_special_tokens=add_special_tokens)
+    return enc["input_ids"][0][enc["attention_mask"][0] == 1].tolist()
+
+
 def lm_example(task, record, rng) -> dict:
-    """The LLM's tokens (and, for InstructBLIP, the Q-Former's instruction tokens); see the module doc."""
+    """The LLM's tokens (and, for InstructBLIP, the Q-Former's instruction tokens); see the module doc.
+    Prompts are cut from the left (LAVIS: their end, the question, matters most), targets from the
+    right (`data.max_prompt_len`, `data.max_target_len`)."""
     d = task.cfg.data
     prompt, target = _prompt_and_target(task, record, rng)
     tok = task.llm_tokenizer
     out = {}
-    if task.cfg.model.instruct:
-        out["qformer_ids"], out["qformer_mask"] = task.bert_tokens(prompt)
+    if task.cfg.model.instruct:  # the Q-Former tokenizer's own truncation side (LAVIS: left)
+        q = task.qformer_tokenizer
+        out["qformer_ids"], out["qformer_mask"] = task.pad(
+            _tokens(q, prompt, d.max_prompt_len, q.truncation_side), d.max_text_len, q.pad_token_id)
     if task.encoder_decoder:
         if not prompt:  # prefix LM: split the caption at a point drawn from [1, middle]
             words = target.split()
             cut = int(rng.integers(1, max(len(words) // 2, 1) + 1))
             prompt, target = " ".join(words[:cut]), " ".join(words[cut:])
-        ids, mask = task.pad(tok.encode(prompt), d.max_text_len, tok.pad_token_id)
-        targets, target_mask = task.pad(tok.encode(target), d.max_text_len, tok.pad_token_id)
+        ids, mask = task.pad(_tokens(tok, prompt, d.max_prompt_len, "left"), d.max_text_len, tok.pad_token_id)
+        targets, target_mask = task.pad(_tokens(tok, target, d.max_target_len, "right"), d.max_text_len,
+                                        tok.pad_token_id)
         return {**out, "ids": ids, "mask": mask, "targets": targets, "target_mask": target_mask}
     eos = [tok.eos_token_id]
     if prompt:  # [BOS] prompt | target [EOS]; loss on the target and EOS only
-        head = tok.encode(prompt)
-        seq, loss_from = head + tok.encode(target, add_special_tokens=False) + eos, len(head)
+        head = _tokens(tok, prompt, d.max_prompt_len, "left")
+        # LAVIS tokenizes "target</s>" with its bos (then dropped) within max_target_len
+        tail = (tok.encode(target, add_special_tokens=False) + eos)[: d.max_target_len - 1 if d.max_target_len else None]
+        seq, loss_from = head + tail, len(head)
     else:  # [BOS] caption [EOS]; every real token is a target (LAVIS)
         seq, loss_from = tok.encode(target) + eos, 0
     ids, mask = task.pad(seq, d.max_text_len, tok.pad_token_id)
