@@ -114,6 +114,8 @@ def data(cfg, paths: bool = True) -> None:
     _number(cfg, "data.min_scale", 0.0, 1.0, open_low=True)
     for field in ("max_words", "max_text_len", "max_answers", "max_answer_len"):
         _int(cfg, f"data.{field}")
+    _int(cfg, "data.max_prompt_len", 0)  # 0: no limit
+    _int(cfg, "data.max_target_len", 0)
     _int(cfg, "data.read_threads", 0)
     _int(cfg, "data.worker_count", 0)
     _int(cfg, "data.seed", 0)

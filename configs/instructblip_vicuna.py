@@ -22,7 +22,7 @@ def get_config(arg: str = "tiny"):
         c.total_steps = 60_000
         c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, decay_steps=60_000)
         c.model.update(frozen_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat_policy="full")
-        c.data.max_text_len = 256
+        c.data.update(max_text_len=256, max_prompt_len=128)  # LAVIS: max_txt_len 128 (instruction)
         c.mesh = dict(data=1, fsdp=-1, tensor=1)
         return c
     raise ValueError(f"unknown preset {arg!r}: tiny, vitg_vicuna7b, vitg_vicuna13b")
