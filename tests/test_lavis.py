@@ -536,3 +536,37 @@ def test_instructblip_loss_equals_lavis(instruct, name):
     loss, _, _ = objectives.language_modeling(Blip2(model.config), model.params, batch, jax.random.PRNGKey(0),
                                               cfg.loss, {})
     _relative(loss, arrays["loss"][0], f"InstructBLIP {name} LM loss")
+
+
+def test_a_vicuna_directory_without_lavis_pad_row_gets_one(tmp_path):
+    """A real Vicuna directory has no row for the [PAD] LAVIS adds (LAVIS draws it at random on every
+    load): the trimmed file converts with the mean row added, reported, and generates LAVIS's ids."""
+    import shutil
+
+    import torch
+
+    vicuna = tmp_path / "vicuna"
+    shutil.copytree(FIXTURES / "vicuna-tiny", vicuna)
+    weights = torch.load(vicuna / "pytorch_model.bin", weights_only=True)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[key] = weights[key][:-1].clone()
+    torch.save(weights, vicuna / "pytorch_model.bin")
+    config = json.loads((vicuna / "config.json").read_text())
+    (vicuna / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 1}))
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert",
+                           str(FIXTURES / "blip2_vicuna_instruct" / "model_trimmed.pth"), str(tmp_path / "m"),
+                           "--lavis", "blip2_vicuna_instruct/vicuna7b", "--tokenizer", str(TOKENIZER),
+                           "--heads", "vision=4,text=3", "--vision", str(FIXTURES / "eva_vit_tiny.pth"),
+                           "--llm", str(vicuna)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "m" / "conversion.json").read_text())
+    assert report["llm_rows_added"] == {"model.embed_tokens.weight": 1, "lm_head.weight": 1}
+    model = blip_jax.load(tmp_path / "m")
+    assert model.config.llm.vocab_size == config["vocab_size"] == len(model.tokenizer)
+    folder = FIXTURES / "blip2_vicuna_instruct"
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    theirs = np.asarray(ref["generate_instr_beam1"]["ids"])[:, 1:]
+    ours = model._generate_ids(arrays["pixel_values"].transpose(0, 2, 3, 1), ref["train_samples"]["text_input"],
+                               {"max_new_tokens": theirs.shape[1], "num_beams": 1})
+    eos = model.config.llm.eos_token_id
+    assert _until_eos(ours, eos) == _until_eos(theirs, eos)

@@ -218,8 +218,8 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
                                              what=f"{src} does not match LAVIS {model_type}")
     report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
     report["lavis_model_type"] = model_type
-    if tensors.added_rows:
-        report["llm_rows_added"] = tensors.added_rows  # mean rows for LAVIS's added tokens
+    if tensors.added_rows():
+        report["llm_rows_added"] = tensors.added_rows()  # mean rows for LAVIS's added tokens
 
     def side_files(tmp: Path) -> list[str]:
         size = config.vision.image_size

@@ -261,7 +261,6 @@ class Blip2Tensors(RenamedTensors):
 
         self.llm_prefix, self.proj_prefix, self.llm_reader = llm_prefix, proj_prefix, llm_reader
         self.llm_rounding, self.instruct, self.llm_vocab_size = llm_rounding, instruct, llm_vocab_size
-        self.added_rows = {}  # LLM tensor -> rows appended for tokens LAVIS added (reported)
         # the ITG head's output weights are the Q-Former's word embeddings (tied): stored once
         state = {k: v for k, v in state.items() if not k.startswith("Qformer.cls.predictions.decoder.")}
         for key in [k for k in state if k.endswith(".attn.q_bias")]:
@@ -309,8 +308,14 @@ class Blip2Tensors(RenamedTensors):
         if short:  # LAVIS draws the new rows at random; the mean row is the neutral choice
             value = np.asarray(value)
             value = np.concatenate([value, np.repeat(value.mean(0, keepdims=True), short, 0)])
-            self.added_rows[name] = short
         return value
+
+    def added_rows(self) -> dict[str, int]:
+        """LLM tensor -> the rows appended to it for the tokens LAVIS added (reported)."""
+        if self.llm_reader is None:
+            return {}
+        rows = {k: self._short_rows(k, tuple(self.llm_reader.shape(k))) for k in self.llm_reader.keys()}
+        return {k: n for k, n in rows.items() if n}
 
     def shape(self, key: str) -> tuple[int, ...]:
         source = self.names[key]
