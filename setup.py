@@ -26,7 +26,7 @@ setup(
         "convert": CONVERT,
         # pycocoevalcap ships the jars METEOR (and the Java PTB tokenizer) run from; tests compare against it
         "eval": ["pycocoevalcap==1.2"],
-        "test": CONVERT + ["pytest>=8.0", "pytest-xdist==3.8.0", "pycocoevalcap==1.2"],  # xdist: -n 2, a worker per core
+        "test": CONVERT + ["pytest>=8.0", "pycocoevalcap==1.2"],
     },
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )
