@@ -4,6 +4,7 @@ checkpoint's generation defaults. `load` picks the sibling class for a model dir
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,10 @@ class ModelBase:
         """The decoding options of the checkpoint's generation_config.json (as transformers reads them;
         {} without one): what `generate` starts from. `max_length` is returned as is; the caller
         turns it into new tokens, since what it counts depends on the model."""
+        return dict(self._saved_generation)
+
+    @functools.cached_property
+    def _saved_generation(self) -> dict:  # read once: every generate / task call consults it
         path = self.path and Path(self.path) / GENERATION_CONFIG
         if not path or not path.is_file():
             return {}

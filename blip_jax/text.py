@@ -315,8 +315,15 @@ class BlipTokenizer:
             mask[b, sl] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None,
+               truncation_side: str | None = None) -> list[int]:
+        """`text`'s ids; with `max_length`, cut on `truncation_side` (default: the tokenizer's) with the
+        special tokens kept, as `__call__` cuts."""
+        if max_length is None:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        enc = self(text, max_length=max_length, truncation=True, truncation_side=truncation_side,
+                   add_special_tokens=add_special_tokens)
+        return enc["input_ids"][0][enc["attention_mask"][0] == 1].tolist()
 
     # ------------------------------------------------------------------ decode
     @staticmethod

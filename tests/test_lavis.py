@@ -505,36 +505,83 @@ def test_instructblip_equals_lavis(instruct, name, kind):
             assert [t.strip() for t in texts] == theirs["text"]
 
 
+def _lm_task(model, preset: str, **data):
+    """The training input pipeline of `preset`'s tiny config on `model` (`data` over its data settings)."""
+    from blip_jax.config_files import load_config
+    from blip_jax.train import inputs
+
+    cfg = load_config(ROOT / "configs" / f"{preset}.py", "tiny")
+    cfg.model.init_from = str(model.path)
+    cfg.data.update(data)
+    return inputs.Task(cfg, inputs.stage_of(cfg), None, model.config.vision.image_size, *inputs.tokenizers(cfg),
+                       model.config.family.encoder_decoder, llm_eos_id=model.config.llm.eos_token_id)
+
+
+def _lm_loss(model, preset: str, records: list[dict], arrays, **data) -> float:
+    """blip-jax's LM objective on `records` made into examples (each with the draws of seed 0) by
+    `_lm_task`, on LAVIS's images."""
+    import jax
+
+    from blip_jax.models.blip2 import Blip2
+    from blip_jax.train.objectives import blip2 as objectives
+
+    task = _lm_task(model, preset, **data)
+    rows = [task.stage.example(task, r, np.random.default_rng(0)) for r in records]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    batch["pixels"] = jnp.asarray(arrays["pixel_values"].transpose(0, 2, 3, 1))
+    loss, _, _ = objectives.language_modeling(Blip2(model.config), model.params, batch, jax.random.PRNGKey(0),
+                                              task.cfg.loss, {})
+    return loss
+
+
+def test_blip2_opt_loss_equals_lavis(blip2_opt):
+    """Stage 2 with OPT: caption records under the data prompt "a photo of " become LAVIS's
+    "prompt caption\n" (its eos, cut at max_txt_len), with the prompt's tokens out of the loss."""
+    folder = FIXTURES / "blip2_opt"
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    prompt = ref["config"]["prompt"] + " "
+    records = [{"caption": t.removeprefix(prompt)} for t in ref["train_samples"]["text_input"]]
+    loss = _lm_loss(blip2_opt["full"], "blip2_stage2_opt", records, arrays, prompt=prompt,
+                    max_text_len=ref["config"]["max_txt_len"])
+    _relative(loss, arrays["loss"][0], "BLIP-2 OPT stage-2 loss")
+    # uncut, the examples are LAVIS's tokens of text + "\n" (the cut above drops its "\n")
+    task = _lm_task(blip2_opt["full"], "blip2_stage2_opt", prompt=prompt, max_text_len=32)
+    for record, row in zip(records, ref["tokenized_train_text"]):
+        ours = task.stage.example(task, record, np.random.default_rng(0))
+        np.testing.assert_array_equal(ours["ids"][: len(row)], row)
+        assert ours["loss_mask"][: ref["prompt_length"]].sum() == 0 and ours["loss_mask"][ref["prompt_length"]] == 1
+
+
+def test_blip2_t5_loss_equals_lavis(blip2_t5):
+    """Stage 2 with Flan-T5: two VQA records (the family's "Question: {} Short answer:" prompt) and a
+    caption split by the prefix LM after "a photo of" (the draw of seed 0), cut as LAVIS 1.0.2 cuts
+    them at max_txt_len (prompt and target from the right, </s> kept)."""
+    folder = FIXTURES / "blip2_t5"
+    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    samples = ref["train_samples"]
+    records = []
+    for prompt, output in zip(samples["text_input"], samples["text_output"]):
+        question = prompt.removeprefix("Question: ").removesuffix(" Short answer:")
+        records.append({"question": question, "answers": [output]} if question != prompt
+                       else {"caption": f"{prompt} {output}"})
+    assert records[1] == {"caption": "a photo of two dogs sitting"}  # split after 3 words by seed 0
+    length = ref["config"]["max_txt_len"]
+    loss = _lm_loss(blip2_t5["full"], "blip2_stage2_t5", records, arrays, max_prompt_len=length,
+                    max_target_len=length)
+    _relative(loss, arrays["loss"][0], "BLIP-2 Flan-T5 stage-2 loss")
+
+
 @pytest.mark.parametrize("name", ["vicuna", "t5"])
 def test_instructblip_loss_equals_lavis(instruct, name):
     """blip-jax's InstructBLIP objective, its examples made from LAVIS's (instruction, output) batch
     by the training input pipeline, equals LAVIS's forward loss on the same weights."""
-    import jax
-
-    from blip_jax.config_files import load_config
-    from blip_jax.models.blip2 import Blip2
-    from blip_jax.train import inputs
-    from blip_jax.train.objectives import blip2 as objectives
-
-    folder_name = INSTRUCT[name][0]
-    folder = FIXTURES / folder_name
-    model = instruct[name]["full"]
+    folder = FIXTURES / INSTRUCT[name][0]
     ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
-    cfg = load_config(ROOT / "configs" / f"instructblip_{name}.py", "tiny")
-    cfg.model.init_from = str(model.path)
-    # LAVIS's max_txt_len / max_output_txt_len of the fixture's model
-    cfg.data.update(max_text_len=32, max_prompt_len=ref["config"]["max_txt_len"],
-                    max_target_len=ref["config"]["max_output_txt_len"])
-    encoder_decoder = model.config.family.encoder_decoder
-    task = inputs.Task(cfg, inputs.stage_of(cfg), None, model.config.vision.image_size, *inputs.tokenizers(cfg),
-                       encoder_decoder)
     samples = ref["train_samples"]
-    rows = [task.stage.example(task, {"instruction": i, "output": o}, np.random.default_rng(0))
-            for i, o in zip(samples["text_input"], samples["text_output"])]
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    batch["pixels"] = jnp.asarray(arrays["pixel_values"].transpose(0, 2, 3, 1))
-    loss, _, _ = objectives.language_modeling(Blip2(model.config), model.params, batch, jax.random.PRNGKey(0),
-                                              cfg.loss, {})
+    records = [{"instruction": i, "output": o} for i, o in zip(samples["text_input"], samples["text_output"])]
+    # LAVIS's max_txt_len / max_output_txt_len of the fixture's model
+    loss = _lm_loss(instruct[name]["full"], f"instructblip_{name}", records, arrays, max_text_len=32,
+                    max_prompt_len=ref["config"]["max_txt_len"], max_target_len=ref["config"]["max_output_txt_len"])
     _relative(loss, arrays["loss"][0], f"InstructBLIP {name} LM loss")
 
 

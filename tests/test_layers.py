@@ -28,9 +28,10 @@ def test_vision_embeddings_interpolate_to_another_resolution(rng):
     cfg = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=32, patch_size=8)
     hf = transformers.models.blip.modeling_blip.BlipVisionEmbeddings(
         transformers.BlipVisionConfig(hidden_size=16, image_size=32, patch_size=8)).eval()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in hf.parameters():
-            p.copy_(torch.randn_like(p))
+            p.copy_(torch.randn(p.shape, generator=generator))
     params = {"patch": {"kernel": hf.patch_embedding.weight.detach().numpy().transpose(2, 3, 1, 0),
                         "bias": hf.patch_embedding.bias.detach().numpy()},
               "cls": hf.class_embedding.detach().numpy(), "pos": hf.position_embedding.detach().numpy()}
@@ -39,7 +40,8 @@ def test_vision_embeddings_interpolate_to_another_resolution(rng):
     with torch.no_grad():
         ref = hf(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()), interpolate_pos_encoding=True).numpy()
     assert ours.shape == (2, 37, 16)
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
+    # Entries reach |15| (a 192-term fp32 sum of unit weights), so the bound is relative as well.
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_drop_path_drops_whole_examples_and_rescales():

@@ -196,30 +196,28 @@ def _convert_lavis_blip2(src: Path, dst: Path, model_type: str, state: dict, tok
                                          **lavis.LLM_OVERRIDES.get(arch, {}))
         if lavis.llm_is_trimmed(state, llm_prefix):  # the LLM's own weights, from its directory
             llm_reader = CheckpointReader(llm_dir)
-            if arch in lavis.LLM_SPECIAL_TOKENS:  # rows for the tokens LAVIS adds (Vicuna's [PAD])
-                llm_vocab = max(llm_config.vocab_size, len(llm_tok))
-        elif arch in lavis.LLM_SPECIAL_TOKENS:  # the file holds LAVIS's resized embeddings
-            llm_vocab = state[llm_prefix + "model.embed_tokens.weight"].shape[0]
-        if arch in lavis.LLM_SPECIAL_TOKENS:
-            llm_config = dataclasses.replace(llm_config, vocab_size=llm_vocab)
+        if arch in lavis.LLM_SPECIAL_TOKENS:  # LAVIS resizes the LLM to its tokenizer (Vicuna's [PAD])
+            llm_config = dataclasses.replace(llm_config, vocab_size=len(llm_tok))
     instruct = arch in lavis.INSTRUCT_CLASSES
     config = lavis.blip2_config(state, architecture, heads, family, llm_config, instruct).replace(
         param_dtype=param_dtype, frozen_param_dtype=param_dtype, scan_layers=scan_layers)
     # the Q-Former's tokenizer: bert-base-uncased plus [DEC] (its bos), as LAVIS's Blip2Base adds it;
     # InstructBLIP's cuts instructions from the left
     tok = BlipTokenizer.from_vocab(tokenizer / "vocab.txt", extra_special_tokens=[],
-                                   **(lavis.INSTRUCTION_TRUNCATION if instruct else {}))
+                                   truncation_side=lavis.INSTRUCTION_TRUNCATION_SIDE if instruct else "right")
     if config.has_qformer_text and len(tok) != config.qformer_vocab_size:
         raise ValueError(f"the checkpoint's Q-Former vocabulary has {config.qformer_vocab_size} tokens, the tokenizer "
                          f"{len(tok)} (LAVIS's is bert-base-uncased plus [DEC]): give its --tokenizer")
     tensors = lavis.Blip2Tensors(state, llm_prefix, proj_prefix, llm_reader, lavis.LLM_WEIGHT_DTYPES.get(arch),
-                                 instruct=instruct, llm_vocab_size=llm_config.vocab_size if llm_reader else None)
+                                 instruct=instruct,
+                                 llm_vocab_size=llm_config.vocab_size if arch in lavis.LLM_SPECIAL_TOKENS else None)
     params, ignored = blip2_keys.load_params(tensors, config, progress=progress,
                                              what=f"{src} does not match LAVIS {model_type}")
     report = _report(src, config, params, ignored, scan_layers, param_dtype, None)
     report["lavis_model_type"] = model_type
-    if tensors.added_rows():
-        report["llm_rows_added"] = tensors.added_rows()  # mean rows for LAVIS's added tokens
+    added = tensors.added_rows()
+    if added:
+        report["llm_rows_added"] = added  # mean rows for LAVIS's added tokens
 
     def side_files(tmp: Path) -> list[str]:
         size = config.vision.image_size

@@ -49,11 +49,10 @@ INSTRUCT_GENERATION = {
     "blip2_t5_instruct": {"num_beams": 5, "max_new_tokens": 256, "repetition_penalty": 1.5,
                           "inputs_embeds_start_id": 0},
 }
-# InstructBLIP's Q-Former tokenizer cuts long instructions from the left (LAVIS's
-# init_tokenizer(truncation_side="left")) at max_txt_len, 128 in every released config
-INSTRUCTION_TRUNCATION = {"truncation_side": "left", "model_max_length": 128}
-# The LLM's buffers a LAVIS file may hold (LLaMA's rotary inverse frequencies): computed, not weights
-LLM_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
+# InstructBLIP's tokenizers, the Q-Former's and the LLM's, cut long instructions from the left (LAVIS's
+# init_tokenizer(truncation_side="left") and LLM tokenizers; the Q-Former's length, 128, is
+# blip2_api.QFORMER_MAX_INSTRUCTION). BLIP-2's LLM tokenizers keep transformers' right.
+INSTRUCTION_TRUNCATION_SIDE = "left"
 # The LLM tensors with a row per token (input embeddings, untied output head)
 LLM_VOCAB_MATRIX = re.compile(r"(^|\.)(embed_tokens|shared|lm_head)\.weight$")
 LAVIS_LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is torch's LayerNorm default, beside EVA's 1e-6 blocks
@@ -239,6 +238,13 @@ _QFORMER = [
 ]
 
 
+# InstructBLIP's Q-Former holds its own embeddings, under transformers' InstructBLIP names
+_INSTRUCT_QFORMER = [
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.embeddings.layernorm."),
+    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"qformer.embeddings.\1_embeddings."),
+]
+
+
 def with_vision(state: dict, vision: dict, path) -> dict:
     """A trimmed checkpoint (its frozen ViT left out, as LAVIS's runner saves) completed by the ViT's
     own file (e.g. `eva_vit_g.pth`: a bare state dict, or one under `visual_encoder.`)."""
@@ -276,13 +282,9 @@ class Blip2Tensors(RenamedTensors):
             return "language_model." + key[len(self.llm_prefix):]
         if self.proj_prefix and key.startswith(self.proj_prefix):
             return "language_projection." + key[len(self.proj_prefix):]
-        for pattern, replacement in _QFORMER + _VIT:
+        for pattern, replacement in (_INSTRUCT_QFORMER if self.instruct else []) + _QFORMER + _VIT:
             if re.search(pattern, key):
-                key = re.sub(pattern, replacement, key)
-                break
-        if self.instruct:  # InstructBLIP's Q-Former holds its own embeddings (transformers' names)
-            key = re.sub(r"^(embeddings\.|qformer\.layernorm\.)",
-                         lambda m: "qformer.embeddings." + ("layernorm." if "layernorm" in m[1] else ""), key)
+                return re.sub(pattern, replacement, key)
         return key
 
     def _short_rows(self, name: str, shape) -> int:
@@ -360,8 +362,6 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_
                             intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
                             encoder_hidden_size=width, cross_attention_frequency=frequency,
                             use_qformer_text_input="Qformer.bert.encoder.layer.0.intermediate.dense.weight" in state)
-    if instruct and not qformer.use_qformer_text_input:
-        raise ValueError("not a LAVIS InstructBLIP checkpoint: its Q-Former has no text FFN (intermediate.*)")
     return Blip2Config(architecture=architecture, instruct=instruct, vision=vision, qformer=qformer,
                        llm_family=llm_family, llm=llm,
                        num_query_tokens=state["query_tokens"].shape[1],
@@ -373,8 +373,8 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_
 def llm_is_trimmed(state: dict, prefix: str) -> bool:
     """Whether a checkpoint lacks its LLM's layers (LAVIS's trimmed files keep only tied embeddings /
     lm_head of it)."""
-    return not any(k.startswith(prefix) and re.search(r"\.(layers|block)\.\d+\.", k) and not LLM_BUFFERS.search(k)
-                   for k in state)
+    # weights only: LAVIS's trimmed Vicuna file keeps LLaMA's rotary inv_freq buffers
+    return not any(k.startswith(prefix) and re.search(r"\.(layers|block)\.\d+\..*\.weight$", k) for k in state)
 
 
 def generation_config(arch: str, llm_tokenizer) -> dict:
@@ -394,7 +394,11 @@ def generation_config(arch: str, llm_tokenizer) -> dict:
 
 
 def lavis_llm_tokenizer(arch: str, llm_tokenizer):
-    """The LLM tokenizer as the LAVIS class sets it up (Blip2VicunaInstruct's [PAD] and </s> bos)."""
+    """The LLM tokenizer as the LAVIS class sets it up (Blip2VicunaInstruct's [PAD] and </s> bos,
+    InstructBLIP's prompts cut from the left)."""
+    if arch in INSTRUCT_CLASSES:
+        llm_tokenizer.truncation_side = INSTRUCTION_TRUNCATION_SIDE
+        llm_tokenizer.init_kwargs["truncation_side"] = INSTRUCTION_TRUNCATION_SIDE  # what save_pretrained writes
     special = LLM_SPECIAL_TOKENS.get(arch)
     if special:
         llm_tokenizer.add_special_tokens(special)

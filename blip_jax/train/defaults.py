@@ -54,8 +54,8 @@ def data_defaults() -> ml_collections.ConfigDict:
         instruction_family="",  # template family for InstructBLIP; empty: each record's task decides
         max_text_len=32,
         # LM stages (LAVIS's max_txt_len / max_output_txt_len): the prompt (instruction, question) is
-        # cut from the left to max_prompt_len tokens, the target from the right to max_target_len,
-        # each keeping its special tokens; 0: no limit but max_text_len
+        # cut to max_prompt_len tokens on the LLM tokenizer's side (InstructBLIP: left), the target
+        # from the right to max_target_len, each keeping its special tokens; 0: no limit but max_text_len
         max_prompt_len=0,
         max_target_len=0,
         max_answers=10,  # BLIP VQA: answers kept per question (each annotator's distinct answer)

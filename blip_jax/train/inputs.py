@@ -61,6 +61,13 @@ class Task:
     llm_tokenizer: BlipTokenizer | None
     encoder_decoder: bool = False
     source_skipped: dict = dataclasses.field(default_factory=dict)  # counted while indexing
+    llm_eos_id: int | None = None  # the model's own end of text, where it differs from the tokenizer's
+
+    @property
+    def text_end_id(self) -> int:
+        """The id an LLM text ends with in training, where generation stops: the model's eos (OPT in
+        LAVIS and transformers' BLIP-2: "\\n"), else the LLM tokenizer's."""
+        return self.llm_tokenizer.eos_token_id if self.llm_eos_id is None else self.llm_eos_id
 
     def __post_init__(self):
         d = self.cfg.data
@@ -80,10 +87,11 @@ class Task:
         out[: len(ids)], mask[: len(ids)] = ids, 1
         return out, mask
 
-    def bert_tokens(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """[CLS] text [SEP] in BERT tokens, padded to `data.max_text_len`."""
+    def bert_tokens(self, text: str, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[CLS] text [SEP] in BERT tokens (cut to `max_length` on the tokenizer's side, [SEP] kept),
+        padded to `data.max_text_len`."""
         tok = self.qformer_tokenizer
-        return self.pad(tok.encode(text), self.cfg.data.max_text_len, tok.pad_token_id)
+        return self.pad(tok.encode(text, max_length=max_length), self.cfg.data.max_text_len, tok.pad_token_id)
 
     def bert_caption(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
         """The record's caption, cleaned (`pre_caption` with the data prompt), in BERT tokens."""
@@ -165,6 +173,6 @@ def prepare_loss(cfg, mesh, qformer_tokenizer: BlipTokenizer | None, llm_tokeniz
         stage.prepare(cfg, qformer_tokenizer, llm_tokenizer)
 
 
-def make_task(cfg, image_size: int, encoder_decoder: bool) -> Task:
+def make_task(cfg, image_size: int, encoder_decoder: bool, llm_eos_id: int | None = None) -> Task:
     records, skipped = sources.build_records(cfg.data, seed=cfg.data.seed)
-    return Task(cfg, stage_of(cfg), records, image_size, *tokenizers(cfg), encoder_decoder, skipped)
+    return Task(cfg, stage_of(cfg), records, image_size, *tokenizers(cfg), encoder_decoder, skipped, llm_eos_id)

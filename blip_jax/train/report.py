@@ -92,7 +92,7 @@ def llm_generation(cfg, st, task, params, records, batch, shown: int = SHOWN) ->
     side = "right" if task.encoder_decoder else "left"
     enc = tok(prompts, padding="longest", padding_side=side)
     gen = generation.GenerationConfig.from_kwargs(max_new_tokens=cfg.data.max_text_len, num_beams=1,
-                                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                                  eos_token_id=task.text_end_id, pad_token_id=tok.pad_token_id)
     tokens = generate_tokens(st.config, params, prefix[:shown], enc["input_ids"], enc["attention_mask"], gen)
     outputs = [t.strip() for t in tok.batch_decode(tokens)]
     refs = [r["output"] if instruct else r["caption"] for r in records[:shown]]

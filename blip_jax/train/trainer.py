@@ -215,7 +215,9 @@ def setup(cfg, mesh):
         cfg.model.init_from = str(checkpoint.model_dir(cfg.model.init_from))
     optimizer = optim.make_optimizer(cfg.optim)
     draft = state_lib.model_config(cfg)
-    task = inputs.make_task(cfg, draft.vision.image_size, bool(getattr(draft, "family", None) and draft.family.encoder_decoder))
+    family, llm = getattr(draft, "family", None), getattr(draft, "llm", None)
+    eos = llm.eos_token_id if llm and cfg.model.init_from else None  # a new model's is its tokenizer's
+    task = inputs.make_task(cfg, draft.vision.image_size, bool(family and family.encoder_decoder), eos)
     inputs.prepare_loss(cfg, mesh, task.qformer_tokenizer, task.llm_tokenizer)
     st = state_lib.create(cfg, mesh, optimizer, task.vocab())
     step_fn = make_train_step(st.model, optimizer, cfg, mesh, shardings_of(st.train), shardings_of(st.frozen))

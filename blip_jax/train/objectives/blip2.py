@@ -8,11 +8,12 @@ Batches (host arrays, batch-major; `pixels` [B, H, W, 3] is the task's):
   lm (T5)     ids, mask: encoder text after the soft prompt; targets, target_mask: decoder targets
   instruct    qformer_ids, qformer_mask: the instruction for the Q-Former (both LM variants)
 
-LM formats follow LAVIS: decoder LLMs read [BOS] text [EOS] with the loss on every real token (on the
-output only for instructions and questions); Flan-T5 stage 2 is a prefix LM whose split point is
-drawn per record (from token 1 to the middle). InstructBLIP records without an instruction get one
-from the templates of `cfg.data.instruction_family` (or their task's family); BLIP-2 question
-records read the model family's VQA prompt.
+LM formats follow LAVIS: decoder LLMs read [BOS] text [EOS] with the loss on every real token but
+`data.prompt`'s (on the output only for instructions and questions; [EOS] is the model's, "\\n" for
+OPT); Flan-T5 stage 2 is a prefix LM whose split point is drawn per record (from token 1 to the
+middle). InstructBLIP records without an instruction get one from the templates of
+`cfg.data.instruction_family` (or their task's family); BLIP-2 question records read the model
+family's VQA prompt.
 """
 
 from __future__ import annotations
@@ -139,42 +140,36 @@ def _prompt_and_target(task, record: dict, rng: np.random.Generator) -> tuple[st
     raise BadRecord("bad_text", "a record with neither caption nor question")
 
 
-def _tokens(tok, text: str, limit: int, side: str, add_special_tokens: bool = True) -> list[int]:
-    """`text`'s tokens, cut on `side` to `limit` (0: not cut) with the special tokens kept."""
-    enc = tok(text, max_length=limit or None, truncation=bool(limit), truncation_side=side,
-              add_special_tokens=add_special_tokens)
-    return enc["input_ids"][0][enc["attention_mask"][0] == 1].tolist()
-
-
 def lm_example(task, record, rng) -> dict:
     """The LLM's tokens (and, for InstructBLIP, the Q-Former's instruction tokens); see the module doc.
-    Prompts are cut from the left (LAVIS: their end, the question, matters most), targets from the
-    right (`data.max_prompt_len`, `data.max_target_len`)."""
+    Prompts are cut on their tokenizer's side (LAVIS: InstructBLIP's from the left, where the question
+    is least needed; BLIP-2's from the right), targets from the right (`data.max_prompt_len`,
+    `data.max_target_len`)."""
     d = task.cfg.data
     prompt, target = _prompt_and_target(task, record, rng)
     tok = task.llm_tokenizer
+    prompt_len, target_len = d.max_prompt_len or None, d.max_target_len or None  # 0: no limit
     out = {}
-    if task.cfg.model.instruct:  # the Q-Former tokenizer's own truncation side (LAVIS: left)
-        q = task.qformer_tokenizer
-        out["qformer_ids"], out["qformer_mask"] = task.pad(
-            _tokens(q, prompt, d.max_prompt_len, q.truncation_side), d.max_text_len, q.pad_token_id)
+    if task.cfg.model.instruct:  # cut on the Q-Former tokenizer's own side (LAVIS: left)
+        out["qformer_ids"], out["qformer_mask"] = task.bert_tokens(prompt, prompt_len)
     if task.encoder_decoder:
         if not prompt:  # prefix LM: split the caption at a point drawn from [1, middle]
             words = target.split()
             cut = int(rng.integers(1, max(len(words) // 2, 1) + 1))
             prompt, target = " ".join(words[:cut]), " ".join(words[cut:])
-        ids, mask = task.pad(_tokens(tok, prompt, d.max_prompt_len, "left"), d.max_text_len, tok.pad_token_id)
-        targets, target_mask = task.pad(_tokens(tok, target, d.max_target_len, "right"), d.max_text_len,
-                                        tok.pad_token_id)
+        ids, mask = task.pad(tok.encode(prompt, max_length=prompt_len), d.max_text_len, tok.pad_token_id)
+        targets, target_mask = task.pad(tok.encode(target, max_length=target_len, truncation_side="right"),
+                                        d.max_text_len, tok.pad_token_id)
         return {**out, "ids": ids, "mask": mask, "targets": targets, "target_mask": target_mask}
-    eos = [tok.eos_token_id]
+    eos = [task.text_end_id]
     if prompt:  # [BOS] prompt | target [EOS]; loss on the target and EOS only
-        head = _tokens(tok, prompt, d.max_prompt_len, "left")
-        # LAVIS tokenizes "target</s>" with its bos (then dropped) within max_target_len
-        tail = (tok.encode(target, add_special_tokens=False) + eos)[: d.max_target_len - 1 if d.max_target_len else None]
+        head = tok.encode(prompt, max_length=prompt_len)
+        # LAVIS cuts "target</s>" with its bos (then dropped) at max_target_len: the eos may go
+        tail = (tok.encode(target, add_special_tokens=False) + eos)[: target_len and target_len - 1]
         seq, loss_from = head + tail, len(head)
-    else:  # [BOS] caption [EOS]; every real token is a target (LAVIS)
-        seq, loss_from = tok.encode(target) + eos, 0
+    else:  # [BOS] caption [EOS]; every real token is a target but the data prompt's (LAVIS's prompt_length)
+        seq = tok.encode(target) + eos
+        loss_from = len(tok.encode(d.prompt.rstrip())) if d.prompt.strip() else 0
     ids, mask = task.pad(seq, d.max_text_len, tok.pad_token_id)
     loss_mask = mask.copy()
     loss_mask[:loss_from] = 0
