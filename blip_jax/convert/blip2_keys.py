@@ -37,6 +37,8 @@ LLM_TYPES = {"opt": "opt", "t5": "t5", "llama": "llama"}
 
 # Keys that carry nothing: buffers.
 IGNORED = re.compile(r"position_ids$")
+# Parameters transformers has no place for: stage 1's ITG head and learned ITC temperature.
+STAGE1_ONLY = re.compile(r"^(itg_dense|itg_norm|itg_bias|temp)(/|$)")
 
 
 def blip2_config_from_hf(hf: dict, **overrides) -> Blip2Config:
@@ -73,8 +75,39 @@ def blip2_config_from_hf(hf: dict, **overrides) -> Blip2Config:
                        image_token_id=hf.get("image_token_index", hf.get("image_token_id")), **overrides)
 
 
+def blip2_transformers_config(config: Blip2Config) -> dict:
+    """The transformers config.json dict `blip2_config_from_hf` reads back to `config` (for models
+    converted from LAVIS or trained here, which have no transformers file of their own)."""
+    names = {("generation", False): ("Blip2ForConditionalGeneration", "blip-2"),
+             ("retrieval", False): ("Blip2ForImageTextRetrieval", "blip-2"),
+             ("generation", True): ("InstructBlipForConditionalGeneration", "instructblip")}
+    name, model_type = names[config.architecture, config.instruct]
+    v, q = config.vision, config.qformer
+    hf = {"architectures": [name], "model_type": model_type, "num_query_tokens": config.num_query_tokens,
+          "image_text_hidden_size": config.embed_dim,
+          "vision_config": {"hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+                            "image_size": v.image_size, "patch_size": v.patch_size,
+                            "layer_norm_eps": v.layer_norm_eps, "attention_dropout": v.attention_dropout,
+                            "hidden_act": "gelu", "qkv_bias": True},
+          "qformer_config": {"vocab_size": config.qformer_vocab_size, "hidden_size": q.hidden_size,
+                             "intermediate_size": q.intermediate_size, "num_hidden_layers": q.num_layers,
+                             "num_attention_heads": q.num_heads, "encoder_hidden_size": v.hidden_size,
+                             "cross_attention_frequency": q.cross_attention_frequency,
+                             "layer_norm_eps": q.layer_norm_eps, "hidden_dropout_prob": q.hidden_dropout,
+                             "attention_probs_dropout_prob": q.attention_dropout,
+                             "max_position_embeddings": config.qformer_max_positions,
+                             "pad_token_id": config.qformer_pad_token_id, "hidden_act": "gelu",
+                             "use_qformer_text_input": q.use_qformer_text_input}}
+    if config.llm is not None:
+        hf["text_config"] = config.llm.to_hf()
+    if config.image_token_id is not None:
+        hf["image_token_index"] = config.image_token_id
+    return hf
+
+
 def hf_key(path: str, config: Blip2Config) -> tuple[str, str]:
-    """Unrolled blip-jax path -> (transformers key, kind), for everything but the language model."""
+    """Unrolled blip-jax path -> (transformers key, kind); the language model's by its family."""
     top, _, rest = path.partition("/")
     if top == "vision":
         return rename(path, blip_keys.VISION)
@@ -89,6 +122,8 @@ def hf_key(path: str, config: Blip2Config) -> tuple[str, str]:
         return rename(f"{text_embeddings}word_embeddings/{rest}", [])
     if top == "qformer_position":
         return rename(f"{text_embeddings}position_embeddings/{rest}", [])
+    if top == "language_model":
+        return config.family.hf_key(rest, "language_model.")
     return rename(path, [])  # query_tokens, language_projection, vision_projection, text_projection, itm_head
 
 

@@ -1,15 +1,19 @@
-"""`blip-jax export SRC OUT --to transformers`: a blip-jax BLIP model as a transformers directory.
+"""`blip-jax export SRC OUT --to transformers`: a blip-jax model as a transformers directory.
 
-The weight map of `blip_keys` is run backwards: every blip-jax parameter goes to the transformers
-tensor it came from (or would come from), in the shape transformers' class gives it; the config is
-the one the model was converted from (`hf_config.json`) or, for models converted from LAVIS or
-trained here, one written from the blip-jax config. Tokenizer, image processor and generation files
-travel with it. A model converted from transformers exports back to the same tensors, bit for bit.
+The weight maps (`blip_keys`, `blip2_keys` and the LLM families') run backwards: every blip-jax
+parameter goes to the transformers tensor it came from (or would come from), in the shape and
+storage dtype transformers' class gives it; the config is the one the model was converted from
+(`hf_config.json`) or, for models converted from LAVIS or trained here, one written from the
+blip-jax config. The transformers model is built on the meta device and takes the exported tensors
+as they are, so exporting holds one copy of the weights. Tokenizer(s), image processor and
+generation files travel with it. A model converted from transformers exports back to the same
+tensors, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,10 +21,12 @@ import numpy as np
 from flax import traverse_util
 
 from blip_jax import atomic, checkpoint
-from blip_jax.convert import blip_keys
+from blip_jax.convert import blip2_keys, blip_keys
 from blip_jax.convert.converter import SIDE_FILES
+from blip_jax.models.blip2 import Blip2Config
 from blip_jax.models.config import BlipConfig
 from blip_jax.models.weights import to_torch
+from blip_jax.text import QFORMER_TOKENIZER
 
 # blip-jax BLIP architecture -> transformers class
 TRANSFORMERS_CLASSES = {"caption": "BlipForConditionalGeneration", "retrieval": "BlipForImageTextRetrieval",
@@ -46,6 +52,34 @@ def transformers_config(config: BlipConfig) -> dict:
     }
 
 
+def _plan(src: Path, config) -> tuple[dict, callable, re.Pattern | None, list[str]]:
+    """(transformers config dict, blip-jax path -> (key, kind), paths to drop, what is approximated)."""
+    saved = src / "hf_config.json"
+    saved = json.loads(saved.read_text()) if saved.is_file() else None
+    if isinstance(config, Blip2Config):
+        approximated = []
+        if config.ln_vision_eps is not None and config.ln_vision_eps != config.vision.layer_norm_eps:
+            approximated.append(f"ln_vision eps {config.ln_vision_eps:g} becomes the ViT's "
+                                f"{config.vision.layer_norm_eps:g} (transformers has one vision eps)")
+        return (saved or blip2_keys.blip2_transformers_config(config), lambda p: blip2_keys.hf_key(p, config),
+                blip2_keys.STAGE1_ONLY, approximated)
+    if config.architecture not in TRANSFORMERS_CLASSES:
+        raise ValueError(f"{src} is a BLIP {config.architecture} model, which transformers has no class for; "
+                         f"export serves: {', '.join(TRANSFORMERS_CLASSES)}")
+    return saved or transformers_config(config), blip_keys.hf_key, None, []
+
+
+def _torch(array: np.ndarray):
+    """A numpy array (bfloat16 included) as a torch tensor of the same dtype and bits."""
+    import torch
+
+    if not array.flags.writeable:  # torch tensors are writable; a loaded checkpoint's arrays are not
+        array = array.copy()
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Write the blip-jax model `src` as a transformers model directory `out`; returns a report."""
     import torch
@@ -53,40 +87,47 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
 
     src = checkpoint.model_dir(src)
     config = checkpoint.read_config(src)
-    if not isinstance(config, BlipConfig):
-        raise ValueError(f"{src} is a BLIP-2 / InstructBLIP model: export to transformers serves BLIP models so far")
-    if config.architecture not in TRANSFORMERS_CLASSES:
-        raise ValueError(f"{src} is a BLIP {config.architecture} model, which transformers has no class for; "
-                         f"export serves: {', '.join(TRANSFORMERS_CLASSES)}")
-    saved = src / "hf_config.json"
-    hf = json.loads(saved.read_text()) if saved.is_file() else transformers_config(config)
+    hf, hf_key, drop, approximated = _plan(src, config)
+    name = hf["architectures"][0]
+    hf_config = transformers.AutoConfig.for_model(**hf)
+    with torch.device("meta"):  # shapes and names only: the tensors come from the blip-jax model
+        model = getattr(transformers, name)(hf_config)
+    expected = model.state_dict()
     _, params = checkpoint.load(src, scan_layers=False)
     flat = traverse_util.flatten_dict(params, sep="/")
-    hf_config = transformers.AutoConfig.for_model(**hf)
-    model = getattr(transformers, hf["architectures"][0])(hf_config)
+    dropped = sorted(p for p in flat if drop is not None and drop.search(p))
+    tensors = {}
+    for path in [p for p in flat if p not in dropped]:
+        key, kind = hf_key(path)
+        if key not in expected:
+            raise ValueError(f"{src}: {path} has no place in transformers' {name} (as {key})")
+        value = np.asarray(flat.pop(path))
+        tensors[key] = _torch(to_torch(value, kind, tuple(expected[key].shape)))
+    del params, flat
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()  # the tied copies (e.g. an LM head that is the word embeddings) point at what was written
     state = model.state_dict()
-    written = set()
-    for path, value in flat.items():
-        key, kind = blip_keys.hf_key(path)
-        if key not in state:
-            raise ValueError(f"{src}: {path} has no place in transformers' {hf['architectures'][0]} (as {key})")
-        tensor = to_torch(np.asarray(value, np.float32), kind, tuple(state[key].shape))
-        state[key] = torch.from_numpy(tensor).to(state[key].dtype)
-        written.add(key)
-    model.load_state_dict(state)
-    model.tie_weights()
-    left = sorted(k for k in state if k not in written and not blip_keys.IGNORED.search(k))
+    left = sorted(k for k, v in state.items() if v.is_meta and not blip_keys.IGNORED.search(k))
     if left:
-        raise ValueError(f"{src}: transformers' {hf['architectures'][0]} has tensors this model does not fill: "
-                         f"{left[:5]}")
+        raise ValueError(f"{src}: transformers' {name} has tensors this model does not fill: {left[:5]}")
+    changed = [k for k, v in tensors.items() if not torch.equal(state[k], v)]
+    if changed:  # transformers tied a tensor this model holds apart
+        raise ValueError(f"{src}: transformers' {name} ties {changed[:3]} to other tensors, which differ in this model")
     with atomic.directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps({**json.loads((tmp / "config.json").read_text()), **{
-            k: hf[k] for k in ("architectures",)}}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps({**json.loads((tmp / "config.json").read_text()),
+                                                     "architectures": [name]}, indent=2) + "\n")
         copied = []
-        for name in SIDE_FILES:  # tokenizer, image processor, generation settings
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-                copied.append(name)
-    return {"source": str(src), "out": str(out), "class": hf["architectures"][0], "tensors": len(written),
-            "files": copied}
+        for file in SIDE_FILES:  # tokenizer, image processor, generation settings
+            if (src / file).is_file():
+                shutil.copy2(src / file, tmp / file)
+                copied.append(file)
+        if (src / QFORMER_TOKENIZER).is_dir():  # InstructBLIP's Q-Former tokenizer, where its processor looks
+            shutil.copytree(src / QFORMER_TOKENIZER, tmp / QFORMER_TOKENIZER)
+            copied.append(QFORMER_TOKENIZER + "/")
+    report = {"source": str(src), "out": str(out), "class": name, "tensors": len(tensors), "files": copied}
+    if dropped:
+        report["dropped"] = dropped  # e.g. stage 1's ITG head: transformers' retrieval class has none
+    if approximated:
+        report["approximated"] = approximated
+    return report

@@ -123,6 +123,18 @@ class LlamaConfig:
             eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
         )
 
+    def to_hf(self) -> dict:
+        """The transformers `LlamaConfig` dict `from_hf` reads back to this config."""
+        return {"model_type": "llama", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+                "rms_norm_eps": self.rms_norm_eps, "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+                "hidden_act": self.hidden_act, "tie_word_embeddings": self.tie_word_embeddings,
+                "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id}
+
 
 def rope_tables(positions, head_dim: int, theta: float):
     """fp32 (cos, sin) [B, T, 1, head_dim / 2] of integer `positions` [B, T]."""

@@ -108,6 +108,19 @@ class OptConfig:
             eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
         )
 
+    def to_hf(self) -> dict:
+        """The transformers `OPTConfig` dict `from_hf` reads back to this config."""
+        return {"model_type": "opt", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads, "ffn_dim": self.ffn_dim,
+                "max_position_embeddings": self.max_position_embeddings,
+                "word_embed_proj_dim": self.embed_dim, "do_layer_norm_before": self.do_layer_norm_before,
+                "_remove_final_layer_norm": self.remove_final_layer_norm, "enable_bias": self.enable_bias,
+                "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
+                "tie_word_embeddings": self.tie_word_embeddings, "activation_function": self.activation,
+                "dropout": self.dropout, "attention_dropout": self.attention_dropout,
+                "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id}
+
 
 def _layer_norm(cfg: OptConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
     return layers.layer_norm(cfg.layer_norm_eps, dtype, param_dtype, name, affine=cfg.layer_norm_elementwise_affine)

@@ -53,6 +53,10 @@ from blip_jax.models.llm import decoding
 from blip_jax.models.med import merge_cache, split_cache
 from blip_jax.models.stack import LayerStack
 
+# transformers' names for an activation blip-jax spells otherwise ("gelu_python" is exact GELU too)
+HF_ACTIVATION_ALIASES = {"gelu_python": "gelu"}
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
@@ -92,6 +96,7 @@ class T5Config:
         # unless the config names the activation (BLIP-2's Flan-T5 configs say dense_act_fn "gelu").
         proj = get("feed_forward_proj", "relu")
         activation = get("dense_act_fn", "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1])
+        activation = HF_ACTIVATION_ALIASES.get(activation, activation)
         eos = get("eos_token_id", d.eos_token_id)
         pad = get("pad_token_id", d.pad_token_id)
         return cls(
@@ -113,6 +118,21 @@ class T5Config:
             eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
             decoder_start_token_id=get("decoder_start_token_id", pad),
         )
+
+    def to_hf(self) -> dict:
+        """The transformers `T5Config` dict `from_hf` reads back to this config. transformers derives
+        the activation from `feed_forward_proj` and reads "gated-gelu" as tanh GELU, so exact GELU
+        (LAVIS's Flan-T5) is written as its "gelu_python"."""
+        act = "gelu_python" if self.gated and self.activation == "gelu" else self.activation
+        proj = "gated-gelu" if self.gated and act == "gelu_new" else ("gated-" if self.gated else "") + act
+        return {"model_type": "t5", "vocab_size": self.vocab_size, "d_model": self.d_model, "d_kv": self.d_kv,
+                "d_ff": self.d_ff, "num_layers": self.num_layers, "num_decoder_layers": self.num_decoder_layers,
+                "num_heads": self.num_heads, "relative_attention_num_buckets": self.relative_attention_num_buckets,
+                "relative_attention_max_distance": self.relative_attention_max_distance,
+                "feed_forward_proj": proj, "tie_word_embeddings": self.tie_word_embeddings,
+                "layer_norm_epsilon": self.layer_norm_eps, "dropout_rate": self.dropout,
+                "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id,
+                "decoder_start_token_id": self.decoder_start_token_id}
 
 
 @functools.lru_cache(maxsize=None)
