@@ -71,3 +71,116 @@ def test_models_transformers_has_no_class_for_are_refused(tmp_path):
     assert done.returncode == 0
     refused = export(tmp_path / "pt", tmp_path / "out")
     assert refused.returncode == 2 and "no class for" in refused.stderr and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ BLIP-2 / InstructBLIP
+@pytest.mark.parametrize("kind", ["opt", "t5", "retrieval", "instruct_t5", "instruct_llama"])
+def test_blip2_transformers_round_trip_is_bit_for_bit(kind, tmp_path):
+    """HF -> blip-jax -> HF gives back every tensor; so does the config blip-jax writes itself (for
+    models without hf_config.json), and transformers reads it back to the same blip-jax config."""
+    from blip_jax.convert import convert
+    from blip_jax.convert.blip2_keys import blip2_config_from_hf
+    from blip_jax.convert.export import export_transformers
+    from blip_jax.testing import write_tiny_blip2_checkpoint
+
+    src = write_tiny_blip2_checkpoint(tmp_path / "src", kind)
+    convert(src, tmp_path / "jax", progress=False)
+    done = export(tmp_path / "jax", tmp_path / "hf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (tmp_path / "jax" / "hf_config.json").unlink()
+    export_transformers(tmp_path / "jax", tmp_path / "hf_written")
+    original = load_file(src / "model.safetensors")
+    for out in ("hf", "hf_written"):
+        exported = load_file(tmp_path / out / "model.safetensors")
+        assert set(original) == set(exported), out
+        for key in original:
+            assert torch.equal(original[key], exported[key]), (out, key)
+    written = transformers.AutoConfig.from_pretrained(tmp_path / "hf_written")
+    getattr(transformers, written.architectures[0]).from_pretrained(tmp_path / "hf_written")
+    ours = blip_jax.load(tmp_path / "jax").config
+    assert blip2_config_from_hf(written.to_dict()) == ours
+    if kind.startswith("instruct"):
+        assert (tmp_path / "hf" / "qformer_tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_a_stage1_model_trained_here_scores_the_same_in_transformers(tmp_path):
+    """A BLIP-2 stage-1 run's W/model goes to Blip2ForImageTextRetrieval (its ITG head and ITC
+    temperature reported as dropped) and gives the same ITM probabilities and ITC similarities."""
+    import json
+
+    from blip_jax.config_files import load_config
+    from blip_jax.testing import sample_images
+    from blip_jax.train import trainer
+
+    cfg = load_config(ROOT / "configs" / "blip2_stage1.py", "tiny")
+    cfg.update_from_flattened_dict({"total_steps": 4, "log_every": 2, "checkpoint_every": 4})
+    trainer.train(cfg, tmp_path / "w", progress=False)
+    done = export(tmp_path / "w", tmp_path / "hf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["class"] == "Blip2ForImageTextRetrieval" and "temp" in report["dropped"]
+    assert any(p.startswith("itg_") for p in report["dropped"])
+    ours = blip_jax.load(tmp_path / "w")
+    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "hf").eval()
+    images = sample_images(2, size=ours.config.vision.image_size)
+    texts = ["a red circle", "two blue squares"]
+    pixels = torch.as_tensor(ours.preprocess(images).transpose(0, 3, 1, 2).copy())
+    enc = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        itm = hf(pixel_values=pixels, **enc, use_image_text_matching_head=True).logits_per_image
+        itc = hf(pixel_values=pixels[:1], **enc, use_image_text_matching_head=False).logits_per_image
+    itm_diff = np.abs(ours.itm(images, texts) - torch.softmax(itm, -1)[:, 1].numpy()).max()
+    itc_diff = np.abs(ours.itc(images[:1], texts) - itc.numpy()).max()
+    print(f"trained stage 1 in transformers: ITM max diff {itm_diff:.2e}, ITC {itc_diff:.2e}")
+    assert itm_diff < 1e-5 and itc_diff < 1e-5
+
+
+LAVIS_LLM_MODELS = {"opt": ("blip2_opt", "blip2_opt/pretrain_opt2.7b", "opt-tiny"),
+                    "vicuna_instruct": ("blip2_vicuna_instruct", "blip2_vicuna_instruct/vicuna7b", "vicuna-tiny"),
+                    "t5": ("blip2_t5", "blip2_t5/pretrain_flant5xl", "flan-t5-tiny")}
+
+
+def _convert_lavis(name, out):
+    folder, model_type, llm = LAVIS_LLM_MODELS[name]
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(LAVIS / folder / "model.pth"), str(out),
+                           "--lavis", model_type, "--tokenizer", str(LAVIS / "bert_tokenizer"), "--heads",
+                           "vision=4,text=3", "--llm", str(LAVIS / llm)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return LAVIS / folder
+
+
+@pytest.mark.parametrize("name", ["opt", "vicuna_instruct"])
+def test_a_lavis_blip2_model_exports_to_what_blip_jax_generates(name, tmp_path):
+    """transformers' BLIP-2 classes place the queries at `<image>` tokens, which LAVIS models lack:
+    the export adds the token (a mean row, suppressed in generation) and a processor; greedy and
+    beam-3 ids after a prompt are then blip-jax's."""
+    import json
+
+    folder = _convert_lavis(name, tmp_path / "jax")
+    done = export(tmp_path / "jax", tmp_path / "hf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    added = json.loads(done.stdout)["image_token_added"]
+    ours = blip_jax.load(tmp_path / "jax")
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    processor.tokenizer.padding_side = "left"
+    pixels = np.load(folder / "reference.npz")["pixel_values"]
+    prompts = ["a photo of", "a picture of two", "what is it?"]
+    inputs = processor(images=list(pixels.transpose(0, 2, 3, 1)), text=prompts, padding=True, return_tensors="pt",
+                       do_resize=False, do_rescale=False, do_normalize=False)
+    assert (inputs.input_ids == added["id"]).sum(1).tolist() == [ours.config.num_query_tokens] * 3
+    options = dict(max_new_tokens=8, min_new_tokens=0, repetition_penalty=1.0, length_penalty=1.0)
+    for beams in (1, 3):
+        mine = ours._generate_ids(pixels.transpose(0, 2, 3, 1), prompts, {**options, "num_beams": beams})
+        with torch.no_grad():
+            theirs = hf.generate(**inputs, num_beams=beams, do_sample=False, **options).numpy()
+        np.testing.assert_array_equal(mine, theirs[:, inputs.input_ids.shape[1]:][:, : mine.shape[1]])
+
+
+def test_a_flan_t5_transformers_5_cannot_hold_is_refused_in_one_line(tmp_path):
+    """transformers 5 ties T5's lm_head to its shared embeddings; LAVIS's Flan-T5 has its own head."""
+    _convert_lavis("t5", tmp_path / "jax")
+    refused = export(tmp_path / "jax", tmp_path / "hf")
+    assert refused.returncode == 2 and "lm_head" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "hf").exists()

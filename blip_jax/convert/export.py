@@ -52,10 +52,10 @@ def transformers_config(config: BlipConfig) -> dict:
     }
 
 
-def _plan(src: Path, config) -> tuple[dict, callable, re.Pattern | None, list[str]]:
+def _plan(src: Path, config, use_saved: bool) -> tuple[dict, callable, re.Pattern | None, list[str]]:
     """(transformers config dict, blip-jax path -> (key, kind), paths to drop, what is approximated)."""
     saved = src / "hf_config.json"
-    saved = json.loads(saved.read_text()) if saved.is_file() else None
+    saved = json.loads(saved.read_text()) if use_saved and saved.is_file() else None
     if isinstance(config, Blip2Config):
         approximated = []
         if config.ln_vision_eps is not None and config.ln_vision_eps != config.vision.layer_norm_eps:
@@ -80,6 +80,55 @@ def _torch(array: np.ndarray):
     return torch.from_numpy(array)
 
 
+IMAGE_TOKEN = "<image>"
+
+
+def _add_image_token(src: Path, config: Blip2Config, flat: dict):
+    """transformers' BLIP-2 / InstructBLIP put the query outputs where `<image>` stands in the prompt;
+    a model converted from LAVIS (or trained from one) has no such token. It is added to the LLM's
+    tokenizer; a vocabulary without a spare row grows by one (the mean row, never generated: the
+    exported generation config suppresses it). Returns (config, tokenizer, image token id)."""
+    import dataclasses
+
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)],
+                         special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vocab = max(config.llm.vocab_size, image_id + 1)
+    if vocab > config.llm.vocab_size:
+        for path, value in list(flat.items()):
+            if path.startswith("language_model/"):
+                value = np.asarray(value)
+                for axis, size in enumerate(value.shape):
+                    if size == config.llm.vocab_size:  # an embedding [V, D] or a head [D, V]
+                        mean = value.astype(np.float32).mean(axis=axis, keepdims=True).astype(value.dtype)
+                        flat[path] = np.concatenate([value, mean], axis=axis)
+                        break
+    llm = dataclasses.replace(config.llm, vocab_size=vocab)
+    return config.replace(llm=llm, image_token_id=image_id), tokenizer, image_id
+
+
+def _processor(src: Path, config: Blip2Config, tokenizer, out: Path):
+    """The transformers processor (image processor, LLM tokenizer with `<image>`, and for
+    InstructBLIP the Q-Former tokenizer) of a model exported with an added image token."""
+    import transformers
+
+    images = transformers.BlipImageProcessor.from_pretrained(str(src))
+    if config.instruct:
+        qformer = transformers.AutoTokenizer.from_pretrained(str(src / QFORMER_TOKENIZER))
+        processor = transformers.InstructBlipProcessor(images, tokenizer, qformer,
+                                                       num_query_tokens=config.num_query_tokens)
+    else:
+        processor = transformers.Blip2Processor(images, tokenizer, num_query_tokens=config.num_query_tokens)
+    processor.save_pretrained(str(out))
+    path = out / "generation_config.json"
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    suppressed = sorted(set(generation.get("suppress_tokens") or []) | {config.image_token_id})
+    path.write_text(json.dumps({**generation, "suppress_tokens": suppressed}, indent=2) + "\n")
+
+
 def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Write the blip-jax model `src` as a transformers model directory `out`; returns a report."""
     import torch
@@ -87,14 +136,17 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
 
     src = checkpoint.model_dir(src)
     config = checkpoint.read_config(src)
-    hf, hf_key, drop, approximated = _plan(src, config)
+    _, params = checkpoint.load(src, scan_layers=False)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    tokenizer = None
+    if isinstance(config, Blip2Config) and config.architecture == "generation" and config.image_token_id is None:
+        config, tokenizer, _ = _add_image_token(src, config, flat)
+    hf, hf_key, drop, approximated = _plan(src, config, use_saved=tokenizer is None)
     name = hf["architectures"][0]
     hf_config = transformers.AutoConfig.for_model(**hf)
     with torch.device("meta"):  # shapes and names only: the tensors come from the blip-jax model
         model = getattr(transformers, name)(hf_config)
     expected = model.state_dict()
-    _, params = checkpoint.load(src, scan_layers=False)
-    flat = traverse_util.flatten_dict(params, sep="/")
     dropped = sorted(p for p in flat if drop is not None and drop.search(p))
     tensors = {}
     for path in [p for p in flat if p not in dropped]:
@@ -111,8 +163,10 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
     if left:
         raise ValueError(f"{src}: transformers' {name} has tensors this model does not fill: {left[:5]}")
     changed = [k for k, v in tensors.items() if not torch.equal(state[k], v)]
-    if changed:  # transformers tied a tensor this model holds apart
-        raise ValueError(f"{src}: transformers' {name} ties {changed[:3]} to other tensors, which differ in this model")
+    if changed:  # e.g. transformers 5 ties T5's lm_head to `shared` whatever the config says
+        raise ValueError(f"{src}: transformers {transformers.__version__}'s {name} ties {', '.join(changed[:3])} to "
+                         "another tensor, and in this model they differ (a Flan-T5 with its own lm_head): this "
+                         "transformers version cannot hold the model")
     with atomic.directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps({**json.loads((tmp / "config.json").read_text()),
@@ -125,9 +179,15 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
         if (src / QFORMER_TOKENIZER).is_dir():  # InstructBLIP's Q-Former tokenizer, where its processor looks
             shutil.copytree(src / QFORMER_TOKENIZER, tmp / QFORMER_TOKENIZER)
             copied.append(QFORMER_TOKENIZER + "/")
+        if tokenizer is not None:
+            _processor(src, config, tokenizer, tmp)
+            copied.append("processor_config.json")
     report = {"source": str(src), "out": str(out), "class": name, "tensors": len(tensors), "files": copied}
     if dropped:
         report["dropped"] = dropped  # e.g. stage 1's ITG head: transformers' retrieval class has none
     if approximated:
         report["approximated"] = approximated
+    if tokenizer is not None:
+        report["image_token_added"] = {"token": IMAGE_TOKEN, "id": config.image_token_id,
+                                       "llm_vocab_size": config.llm.vocab_size}
     return report
