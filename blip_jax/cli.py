@@ -116,9 +116,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from blip_jax.convert.export import export_transformers
+    from blip_jax.convert.export import export_lavis, export_transformers
 
-    _emit(args, export_transformers(args.src, args.out, overwrite=args.overwrite))
+    write = export_lavis if args.to == "lavis" else export_transformers
+    _emit(args, write(args.src, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -305,10 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 64-wide heads, as every released BLIP)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="write a blip-jax BLIP model as a transformers model directory")
+    p = sub.add_parser("export", help="write a blip-jax model as a transformers model directory or a LAVIS .pth")
     p.add_argument("src", help="blip-jax model directory (or a training workdir: its model/)")
-    p.add_argument("out", help="transformers model directory to create")
-    p.add_argument("--to", choices=["transformers"], required=True, help="the target library")
+    p.add_argument("out", help="transformers model directory, or LAVIS .pth file, to create")
+    p.add_argument("--to", choices=["transformers", "lavis"], required=True,
+                   help="the target library: transformers (BLIP, BLIP-2, InstructBLIP) or lavis (BLIP caption, "
+                        "retrieval, VQA)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--output", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_export)

@@ -184,3 +184,42 @@ def test_a_flan_t5_transformers_5_cannot_hold_is_refused_in_one_line(tmp_path):
     refused = export(tmp_path / "jax", tmp_path / "hf")
     assert refused.returncode == 2 and "lm_head" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------ LAVIS out
+@pytest.mark.parametrize("name,model_type", [("blip_caption", "blip_caption/base_coco"),
+                                             ("blip_retrieval", "blip_retrieval/coco"),
+                                             ("blip_vqa", "blip_vqa/vqav2")])
+def test_lavis_round_trip_is_bit_for_bit(name, model_type, tmp_path):
+    """LAVIS -> blip-jax -> LAVIS: every tensor LAVIS saved comes back under its name, dtype and
+    bits (the tied decoder head and position_ids included); only momentum encoders and queues,
+    which LAVIS builds itself when it loads with strict=False, and a retrieval model's ITC
+    temperature (not a blip-jax retrieval parameter: rankings do not depend on it) are not written."""
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(LAVIS / name / "model.pth"),
+                           str(tmp_path / "jax"), "--lavis", model_type, "--tokenizer", str(LAVIS / "bert_tokenizer"),
+                           "--heads", "vision=4,text=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "blip_jax.cli", "export", str(tmp_path / "jax"),
+                          str(tmp_path / "back.pth"), "--to", "lavis"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    original = torch.load(LAVIS / name / "model.pth", weights_only=True)
+    original = original.get("model", original)
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    assert set(back) <= set(original), sorted(set(back) - set(original))[:5]
+    missing = sorted(set(original) - set(back))
+    assert all(k.endswith("_queue") or k in ("queue_ptr", "temp") or "_m." in k for k in missing), missing[:5]
+    for key, value in back.items():
+        assert value.dtype == original[key].dtype and torch.equal(value, original[key]), key
+
+
+def test_models_lavis_export_does_not_serve_are_refused(tmp_path):
+    from blip_jax.convert import convert
+    from blip_jax.testing import write_tiny_blip2_checkpoint
+
+    convert(write_tiny_blip2_checkpoint(tmp_path / "src", "opt"), tmp_path / "jax", progress=False)
+    refused = subprocess.run([sys.executable, "-m", "blip_jax.cli", "export", str(tmp_path / "jax"),
+                              str(tmp_path / "out.pth"), "--to", "lavis"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "--to lavis writes BLIP" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "out.pth").exists()

@@ -129,6 +129,27 @@ def _processor(src: Path, config: Blip2Config, tokenizer, out: Path):
     path.write_text(json.dumps({**generation, "suppress_tokens": suppressed}, indent=2) + "\n")
 
 
+def _transformers_tensors(src: Path, config, flat: dict, *, use_saved: bool = True):
+    """(transformers config dict, approximations, its model on the meta device, {key: tensor} of
+    every blip-jax parameter under its transformers name and shape, dropped paths). Consumes `flat`."""
+    import torch
+    import transformers
+
+    hf, hf_key, drop, approximated = _plan(src, config, use_saved=use_saved)
+    name = hf["architectures"][0]
+    with torch.device("meta"):  # shapes and names only: the tensors come from the blip-jax model
+        model = getattr(transformers, name)(transformers.AutoConfig.for_model(**hf))
+    expected = model.state_dict()
+    dropped = sorted(p for p in flat if drop is not None and drop.search(p))
+    tensors = {}
+    for path in [p for p in flat if p not in dropped]:
+        key, kind = hf_key(path)
+        if key not in expected:
+            raise ValueError(f"{src}: {path} has no place in transformers' {name} (as {key})")
+        tensors[key] = _torch(to_torch(np.asarray(flat.pop(path)), kind, tuple(expected[key].shape)))
+    return hf, approximated, model, tensors, dropped
+
+
 def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Write the blip-jax model `src` as a transformers model directory `out`; returns a report."""
     import torch
@@ -141,20 +162,8 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
     tokenizer = None
     if isinstance(config, Blip2Config) and config.architecture == "generation" and config.image_token_id is None:
         config, tokenizer, _ = _add_image_token(src, config, flat)
-    hf, hf_key, drop, approximated = _plan(src, config, use_saved=tokenizer is None)
+    hf, approximated, model, tensors, dropped = _transformers_tensors(src, config, flat, use_saved=tokenizer is None)
     name = hf["architectures"][0]
-    hf_config = transformers.AutoConfig.for_model(**hf)
-    with torch.device("meta"):  # shapes and names only: the tensors come from the blip-jax model
-        model = getattr(transformers, name)(hf_config)
-    expected = model.state_dict()
-    dropped = sorted(p for p in flat if drop is not None and drop.search(p))
-    tensors = {}
-    for path in [p for p in flat if p not in dropped]:
-        key, kind = hf_key(path)
-        if key not in expected:
-            raise ValueError(f"{src}: {path} has no place in transformers' {name} (as {key})")
-        value = np.asarray(flat.pop(path))
-        tensors[key] = _torch(to_torch(value, kind, tuple(expected[key].shape)))
     del params, flat
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()  # the tied copies (e.g. an LM head that is the word embeddings) point at what was written
@@ -191,3 +200,58 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
         report["image_token_added"] = {"token": IMAGE_TOKEN, "id": config.image_token_id,
                                        "llm_vocab_size": config.llm.vocab_size}
     return report
+
+
+# blip-jax BLIP architecture -> the LAVIS class whose state dict `export_lavis` writes
+LAVIS_CLASSES = {"caption": "blip_caption", "retrieval": "blip_retrieval", "vqa": "blip_vqa"}
+# transformers' BLIP vision names -> the timm names of LAVIS's ViT (the inverse of `lavis._VIT`)
+_LAVIS_VIT = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+]
+
+
+def _lavis_key(key: str) -> str:
+    for pattern, replacement in _LAVIS_VIT:
+        if re.search(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return key
+
+
+def export_lavis(src: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Write the blip-jax BLIP model `src` as a LAVIS `.pth` (`{"model": state_dict}`) that LAVIS's
+    `load_checkpoint` / `load_from_pretrained` reads into the class of its architecture: the same
+    names, layouts and dtypes LAVIS saves, the tied decoder head and `position_ids` buffers included.
+    Momentum encoders, queues and a retrieval model's ITC temperature are not written (LAVIS loads
+    with strict=False and builds them; blip-jax's retrieval models hold no temperature)."""
+    import torch
+
+    src, out = checkpoint.model_dir(src), Path(out)
+    config = checkpoint.read_config(src)
+    if not isinstance(config, BlipConfig) or config.architecture not in LAVIS_CLASSES:
+        what = "BLIP-2 / InstructBLIP" if isinstance(config, Blip2Config) else f"BLIP {config.architecture}"
+        raise ValueError(f"{src} is a {what} model; --to lavis writes BLIP {', '.join(LAVIS_CLASSES)} models so far")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _, params = checkpoint.load(src, scan_layers=False)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    del params
+    # LAVIS's BLIP names are transformers' but for the ViT's: the same map, then the timm names
+    _, _, _, tensors, _ = _transformers_tensors(src, config, flat)
+    state = {_lavis_key(k): v for k, v in tensors.items()}
+    for key in [k for k in state if k.endswith("cls.predictions.bias")]:  # the tied decoder head
+        head = key[: -len("bias")]
+        word = key.replace("cls.predictions.bias", "bert.embeddings.word_embeddings.weight")
+        state[head + "decoder.weight"], state[head + "decoder.bias"] = state[word], state[key]
+    for key in [k for k in state if k.endswith("embeddings.position_embeddings.weight")]:
+        state[key.replace("position_embeddings.weight", "position_ids")] = torch.arange(
+            state[key].shape[0]).unsqueeze(0)
+    atomic.write_file(out, lambda f: torch.save({"model": state}, f))
+    return {"source": str(src), "out": str(out), "lavis_class": LAVIS_CLASSES[config.architecture],
+            "tensors": len(state)}
