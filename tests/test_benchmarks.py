@@ -75,3 +75,12 @@ def test_retrieval_benchmark_smoke(tmp_path):
     assert report["itm_passes_measured"]["jax_pairs"] == report["itm_passes_measured"]["torch_pairs"] == n_itm
     assert report["jax_compilations_in_timed_runs"] == 0
     assert report["ratio"] > 0 and report["jax_s"] > 0 and report["torch_s"] > 0
+
+
+def test_convert_memory_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_convert_memory.py"), "--vision-layers", "2",
+                    "--text-layers", "1", "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["vision_layers"] == 2 and report["file_gb"] > 0.1
+    assert report["peak_rss_mb"] > report["baseline_rss_mb"] > 0 and report["peak_anon_mb"] > 0
