@@ -38,25 +38,28 @@ TRAIN_EXTRA = "train_extra"
 def _writer():
     """Orbax's PyTree checkpointer; in a multi-process job, one for the calling process alone (a
     model directory is written by one host after gathering), so the others need not join its barriers."""
+    # uncompressed: weights barely compress, and zstd costs a copy of the part and 3x the time
     if jax.process_count() == 1:
-        return ocp.PyTreeCheckpointer()
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
     me = jax.process_index()
     options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=options)
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False), multiprocessing_options=options)
 
 
 def save_params(directory: Path, params, *, part_bytes: int = PART_BYTES, progress: bool = False) -> None:
-    """Save a parameter tree as Orbax checkpoints of at most ~`part_bytes` each (params/part_NNNNN,
-    listed in params/parts.json). Leaves may be lazy (`LazyWeight`, read here one at a time), so a
-    conversion holds about two parts, never the model (a 0.55 GB BLIP: 0.15 GB above the process's
-    baseline with 32 MB parts, 0.43 GB with 128 MB parts). A scanned stack's leaf (all layers of
-    one tensor) is read whole. `params` is consumed."""
+    """Save a parameter tree as Orbax checkpoints of at most `part_bytes` each (params/part_NNNNN,
+    listed in params/parts.json; a tensor larger than that is a part alone). Leaves may be lazy
+    (`LazyWeight`, read here one at a time), so a conversion holds one part and the tensor being
+    read, never the model (a 2.4 GB LAVIS BLIP: benchmarks/results/convert_memory_cpu.json). A
+    scanned stack's leaf (all layers of one tensor) is read whole. `params` is consumed."""
     flat = traverse_util.flatten_dict(params, sep="/")
     params.clear()
     root = Path(directory).absolute() / PARAMS
     root.mkdir(parents=True, exist_ok=True)
     parts, part, size = [], {}, 0
-    total = sum(int(getattr(v, "nbytes", np.asarray(v).nbytes)) for v in flat.values())
+
+    def nbytes(value) -> int:
+        return int(getattr(value, "nbytes", None) or np.asarray(value).nbytes)
 
     def flush():
         nonlocal part, size
@@ -65,17 +68,18 @@ def save_params(directory: Path, params, *, part_bytes: int = PART_BYTES, progre
         parts.append(sorted(part))
         part, size = {}, 0
 
-    with tqdm(total=total, unit="B", unit_scale=True, desc="write", disable=not progress) as bar:
+    with tqdm(total=sum(map(nbytes, flat.values())), unit="B", unit_scale=True, desc="write",
+              disable=not progress) as bar:
         for path in list(flat):
+            if part and size + nbytes(flat[path]) > part_bytes:  # written before the next is read
+                flush()
             value = np.asarray(flat.pop(path))  # a lazy weight is read here
-            # Orbax copies numpy leaves twice while writing, jax ones once; but a multi-process job
-            # may only hand it global arrays, so there (one host writing gathered values) numpy it is
+            # a jax leaf on one host (on CPU it shares the numpy buffer); a multi-process job may
+            # only hand Orbax global arrays, so there (one host writing gathered values) numpy it is
             part[path] = jax.device_put(value) if jax.process_count() == 1 else value
             size += value.nbytes
             bar.update(value.nbytes)
             del value
-            if size >= part_bytes:
-                flush()
         if part or not parts:
             flush()
     (root / PARTS).write_text(json.dumps({"parts": parts}) + "\n")

@@ -90,7 +90,9 @@ def _emit(args, data) -> None:
 
 def cmd_convert(args) -> int:
     from blip_jax.convert import convert, convert_lavis
+    from blip_jax.convert.reader import free_large_blocks_at_once
 
+    free_large_blocks_at_once()
     if args.lavis:
         from blip_jax.convert.lavis import parse_heads
 
@@ -118,8 +120,12 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     from blip_jax.convert.export import export_lavis, export_transformers
 
-    write = export_lavis if args.to == "lavis" else export_transformers
-    _emit(args, write(args.src, args.out, overwrite=args.overwrite))
+    if args.to == "lavis":
+        _emit(args, export_lavis(args.src, args.out, trimmed=args.trimmed, overwrite=args.overwrite))
+    elif args.trimmed:
+        raise ValueError("--trimmed applies to --to lavis")
+    else:
+        _emit(args, export_transformers(args.src, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -311,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="transformers model directory, or LAVIS .pth file, to create")
     p.add_argument("--to", choices=["transformers", "lavis"], required=True,
                    help="the target library: transformers (BLIP, BLIP-2, InstructBLIP) or lavis (BLIP caption, "
-                        "retrieval, VQA)")
+                        "retrieval, VQA; BLIP-2 stage 1, OPT, Flan-T5; InstructBLIP Vicuna, Flan-T5)")
+    p.add_argument("--trimmed", action="store_true",
+                   help="--to lavis, BLIP-2 / InstructBLIP: leave out the frozen ViT and LLM, as LAVIS's runner saves")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--output", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_export)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,37 @@ def test_layout_can_be_switched_on_load(converted):
     _, scanned = checkpoint.load(converted("caption", True))
     a, b = flatten(jax_to_numpy(switched)), flatten(jax_to_numpy(scanned))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _status_mb(field: str) -> float:
+    return int([line for line in open("/proc/self/status") if line.startswith(field)][0].split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_release_hands_back_mapped_pages_and_nothing_else(tmp_path):
+    import torch
+
+    from blip_jax.convert.reader import release, torch_load
+
+    values = torch.randn(64, 1 << 14, generator=torch.Generator().manual_seed(0))  # 4 MB
+    torch.save({"w": values}, tmp_path / "model.pth")
+    mapped = torch_load(tmp_path / "model.pth")["w"]
+    before = _status_mb("RssFile")
+    total = float(mapped.sum())  # reads every page of the map
+    assert _status_mb("RssFile") - before > 3
+    release(mapped)
+    assert _status_mb("RssFile") - before < 1
+    assert float(mapped.sum()) == total and torch.equal(mapped, values)  # read back from the file
+    heap = np.arange(1 << 20, dtype=np.float32)  # not a map of a checkpoint: left alone
+    release(heap)
+    release(torch.from_numpy(heap))
+    assert np.array_equal(heap, np.arange(1 << 20, dtype=np.float32))
+
+
+def test_parts_never_exceed_the_part_size(tmp_path):
+    params = {f"w{i}": np.full((256, 256), i, np.float32) for i in range(7)}  # 256 KB each
+    checkpoint.save_params(tmp_path, dict(params), part_bytes=600 << 10)
+    parts = json.loads((tmp_path / "params" / "parts.json").read_text())["parts"]
+    assert [len(p) for p in parts] == [2, 2, 2, 1]
+    restored = checkpoint.restore_params(tmp_path)
+    assert all(np.array_equal(restored[k], v) for k, v in params.items())

@@ -4,6 +4,7 @@ exported form computes what blip-jax computes)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -213,13 +214,47 @@ def test_lavis_round_trip_is_bit_for_bit(name, model_type, tmp_path):
         assert value.dtype == original[key].dtype and torch.equal(value, original[key]), key
 
 
+BLIP2_LAVIS = {  # fixture folder -> (LAVIS model type, the LLM's directory)
+    "blip2_qformer": ("blip2/pretrain", None), "blip2_opt": ("blip2_opt/pretrain_opt2.7b", "opt-tiny"),
+    "blip2_t5": ("blip2_t5/pretrain_flant5xl", "flan-t5-tiny"),
+    "blip2_vicuna_instruct": ("blip2_vicuna_instruct/vicuna7b", "vicuna-tiny"),
+    "blip2_t5_instruct": ("blip2_t5_instruct/flant5xl", "flan-t5-tiny")}
+
+
+@pytest.mark.parametrize("name", list(BLIP2_LAVIS))
+def test_lavis_blip2_round_trip_is_bit_for_bit(name, tmp_path):
+    """LAVIS -> blip-jax -> LAVIS for BLIP-2 and InstructBLIP, full and `--trimmed`: the file LAVIS
+    saved comes back key for key, dtype and bits (EVA's q / v biases, the ITG head tied to the word
+    embeddings, the LLM's tied copies a trimmed file keeps, position_ids and Vicuna's inv_freq
+    buffers included)."""
+    model_type, llm = BLIP2_LAVIS[name]
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(LAVIS / name / "model.pth"),
+                           str(tmp_path / "jax"), "--lavis", model_type, "--tokenizer", str(LAVIS / "bert_tokenizer"),
+                           "--heads", "vision=4,text=3", *(["--llm", str(LAVIS / llm)] if llm else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for trimmed in (False, True):
+        out = tmp_path / f"back_{trimmed}.pth"
+        exported = subprocess.run([sys.executable, "-m", "blip_jax.cli", "export", str(tmp_path / "jax"), str(out),
+                                   "--to", "lavis", *(["--trimmed"] if trimmed else [])], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+        assert exported.returncode == 0, exported.stderr[-2000:]
+        assert json.loads(exported.stdout)["lavis_class"] == model_type.split("/")[0]
+        original = torch.load(LAVIS / name / ("model_trimmed.pth" if trimmed else "model.pth"),
+                              weights_only=True)["model"]
+        back = torch.load(out, weights_only=True)["model"]
+        assert sorted(back) == sorted(original), (sorted(set(back) ^ set(original))[:5], trimmed)
+        for key, value in back.items():
+            assert value.dtype == original[key].dtype and torch.equal(value, original[key]), (key, trimmed)
+
+
 def test_models_lavis_export_does_not_serve_are_refused(tmp_path):
     from blip_jax.convert import convert
-    from blip_jax.testing import write_tiny_blip2_checkpoint
+    from blip_jax.testing import write_tiny_checkpoint
 
-    convert(write_tiny_blip2_checkpoint(tmp_path / "src", "opt"), tmp_path / "jax", progress=False)
+    convert(write_tiny_checkpoint(tmp_path / "src", "caption"), tmp_path / "jax", progress=False)
     refused = subprocess.run([sys.executable, "-m", "blip_jax.cli", "export", str(tmp_path / "jax"),
-                              str(tmp_path / "out.pth"), "--to", "lavis"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-    assert refused.returncode == 2 and "--to lavis writes BLIP" in refused.stderr
+                              str(tmp_path / "out.pth"), "--to", "lavis", "--trimmed"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "--trimmed applies to BLIP-2 / InstructBLIP" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "out.pth").exists()

@@ -215,33 +215,149 @@ _LAVIS_VIT = [
     (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
     (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
 ]
+# transformers' BLIP-2 names -> LAVIS's (the inverse of `lavis._QFORMER` and `_INSTRUCT_QFORMER`);
+# BLIP-2's ViT has no final norm: post_layernorm is LAVIS's ln_vision
+_LAVIS_QFORMER = [
+    (r"^vision_model\.post_layernorm\.", "ln_vision."),
+    (r"^qformer\.(embeddings\.)?layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (r"^(qformer\.)?embeddings\.(word|position)_embeddings\.", r"Qformer.bert.embeddings.\2_embeddings."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+     r"Qformer.bert.encoder.layer.\1.\2.self."),
+    (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
+    (r"^itg_dense\.", "Qformer.cls.predictions.transform.dense."),
+    (r"^itg_norm\.", "Qformer.cls.predictions.transform.LayerNorm."),
+    (r"^itg_bias$", "Qformer.cls.predictions.bias"),
+    (r"^vision_projection\.", "vision_proj."),
+    (r"^text_projection\.", "text_proj."),
+]
 
 
-def _lavis_key(key: str) -> str:
-    for pattern, replacement in _LAVIS_VIT:
+def _lavis_key(key: str, rules=_LAVIS_VIT) -> str:
+    for pattern, replacement in rules:
         if re.search(pattern, key):
             return re.sub(pattern, replacement, key)
     return key
 
 
-def export_lavis(src: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
-    """Write the blip-jax BLIP model `src` as a LAVIS `.pth` (`{"model": state_dict}`) that LAVIS's
+def _lavis_blip2_class(config: Blip2Config) -> str:
+    """The LAVIS class a blip-jax BLIP-2 model is (stage 1: `blip2`)."""
+    from blip_jax.convert import lavis
+
+    if config.architecture == "retrieval":
+        return "blip2"
+    classes = {(family, arch in lavis.INSTRUCT_CLASSES): arch for arch, (_, _, family) in lavis.LLM_PARTS.items()}
+    arch = classes.get((config.llm_family, config.instruct))
+    if arch is None:
+        kind = "InstructBLIP" if config.instruct else "BLIP-2"
+        raise ValueError(f"LAVIS has no {kind} class with a {config.llm_family} language model; --to lavis writes "
+                         f"{', '.join(['blip2', *sorted(lavis.LLM_PARTS)])}")
+    return arch
+
+
+def _lavis_blip2_state(src: Path, config: Blip2Config, flat: dict, trimmed: bool) -> tuple[str, dict]:
+    """(LAVIS class, state dict) of a BLIP-2 / InstructBLIP model, under the names, layouts and
+    tied copies LAVIS saves; `trimmed` leaves out the frozen ViT and LLM, as LAVIS's runner does."""
+    import torch
+
+    from blip_jax.convert import lavis
+
+    arch = _lavis_blip2_class(config)
+    llm_prefix, proj_prefix, _ = lavis.LLM_PARTS.get(arch, ("", "", ""))
+    # LAVIS's runner trims the frozen parameters but keeps the LLM's tied copies (torch lists a tied
+    # parameter once, under its first name, so the copy's key escapes the trim)
+    trim = r"^vision\.|^language_model\." if trimmed else None
+    stage1 = {p: flat.pop(p) for p in [p for p in flat if blip2_keys.STAGE1_ONLY.search(p)]}
+    _, _, _, tensors, _ = _transformers_tensors(src, config, flat, use_saved=False)
+    for path, value in stage1.items():  # no transformers class holds them: LAVIS's shapes, from blip-jax's
+        key, kind = blip2_keys.hf_key(path, config)
+        value = np.asarray(value)
+        tensors[key] = _torch(to_torch(value, kind, value.shape[::-1] if kind == "linear" else value.shape))
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("language_model."):
+            state[llm_prefix + key[len("language_model."):]] = value
+        elif key.startswith("language_projection."):
+            state[proj_prefix + key[len("language_projection."):]] = value
+        else:
+            state[_lavis_key(key, _LAVIS_QFORMER + _LAVIS_VIT)] = value
+    for key in [k for k in state if k.endswith(".attn.qkv.bias")]:  # EVA: q and v biases, no key bias
+        q, k, v = state.pop(key).chunk(3)
+        if torch.count_nonzero(k):
+            raise ValueError(f"{src}: {key} has a non-zero key bias, which LAVIS's EVA ViT cannot hold")
+        state[key.replace("qkv.bias", "q_bias")], state[key.replace("qkv.bias", "v_bias")] = q.clone(), v.clone()
+    if "Qformer.cls.predictions.bias" in state:  # the ITG head's decoder is tied to the word embeddings
+        state["Qformer.cls.predictions.decoder.weight"] = state["Qformer.bert.embeddings.word_embeddings.weight"]
+        state["Qformer.cls.predictions.decoder.bias"] = state["Qformer.cls.predictions.bias"]
+    for copy, original in LAVIS_LLM_TIED.get(arch, {}).items():  # tied copies the LLM's state dict lists
+        if llm_prefix + original in state:
+            state.setdefault(llm_prefix + copy, state[llm_prefix + original])
+    if trim:
+        kept = {llm_prefix + copy for copy in LAVIS_LLM_TIED.get(arch, {})}
+        state = {k: v for k, v in state.items() if k in kept or not re.search(trim, _blip_jax_side(k, llm_prefix))}
+    # buffers, which the runner never trims
+    state["Qformer.bert.embeddings.position_ids"] = torch.arange(config.qformer_max_positions).unsqueeze(0)
+    if config.llm_family == "llama":  # transformers 4.33 (LAVIS's) saved RoPE's frequencies
+        half = torch.arange(0, config.llm.head_dim, 2).float() / config.llm.head_dim
+        for i in range(config.llm.num_layers):
+            state[f"{llm_prefix}model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / config.llm.rope_theta ** half
+    return arch, state
+
+
+def _blip_jax_side(lavis_key: str, llm_prefix: str) -> str:
+    """Which blip-jax part a LAVIS key belongs to, as "vision." / "language_model." / the key."""
+    if lavis_key.startswith("visual_encoder."):
+        return "vision."
+    if llm_prefix and lavis_key.startswith(llm_prefix):
+        return "language_model."
+    return lavis_key
+
+
+# LAVIS class -> {LLM state-dict key: the key whose tensor it is} for the copies torch saves twice
+LAVIS_LLM_TIED = {
+    "blip2_opt": {"lm_head.weight": "model.decoder.embed_tokens.weight"},
+    **{arch: {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+       for arch in ("blip2_t5", "blip2_t5_instruct")},
+}
+
+
+def export_lavis(src: str | Path, out: str | Path, *, trimmed: bool = False, overwrite: bool = False) -> dict:
+    """Write the blip-jax model `src` as a LAVIS `.pth` (`{"model": state_dict}`) that LAVIS's
     `load_checkpoint` / `load_from_pretrained` reads into the class of its architecture: the same
-    names, layouts and dtypes LAVIS saves, the tied decoder head and `position_ids` buffers included.
-    Momentum encoders, queues and a retrieval model's ITC temperature are not written (LAVIS loads
-    with strict=False and builds them; blip-jax's retrieval models hold no temperature)."""
+    names, layouts and dtypes LAVIS saves, tied copies (decoder heads, LLM embeddings) and
+    `position_ids` buffers included. BLIP: caption, retrieval and VQA; BLIP-2: stage 1 (`blip2`),
+    `blip2_opt`, `blip2_t5`; InstructBLIP: `blip2_vicuna_instruct`, `blip2_t5_instruct`. `trimmed`
+    (BLIP-2 / InstructBLIP) leaves out the frozen ViT and LLM, as LAVIS's runner saves. Momentum
+    encoders, queues and a BLIP retrieval model's ITC temperature are not written (LAVIS loads with
+    strict=False and builds them; blip-jax's BLIP retrieval models hold no temperature)."""
     import torch
 
     src, out = checkpoint.model_dir(src), Path(out)
     config = checkpoint.read_config(src)
-    if not isinstance(config, BlipConfig) or config.architecture not in LAVIS_CLASSES:
-        what = "BLIP-2 / InstructBLIP" if isinstance(config, Blip2Config) else f"BLIP {config.architecture}"
-        raise ValueError(f"{src} is a {what} model; --to lavis writes BLIP {', '.join(LAVIS_CLASSES)} models so far")
+    blip2 = isinstance(config, Blip2Config)
+    if not blip2 and config.architecture not in LAVIS_CLASSES:
+        raise ValueError(f"{src} is a BLIP {config.architecture} model; --to lavis writes BLIP "
+                         f"{', '.join(LAVIS_CLASSES)}, BLIP-2 and InstructBLIP models so far")
+    if trimmed and not blip2:
+        raise ValueError("--trimmed applies to BLIP-2 / InstructBLIP models (LAVIS trims their frozen ViT and LLM)")
+    if blip2:
+        _lavis_blip2_class(config)  # refused before anything is read
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     _, params = checkpoint.load(src, scan_layers=False)
     flat = traverse_util.flatten_dict(params, sep="/")
     del params
+    if blip2:
+        lavis_class, state = _lavis_blip2_state(src, config, flat, trimmed)
+    else:
+        lavis_class, state = LAVIS_CLASSES[config.architecture], _lavis_blip_state(src, config, flat)
+    atomic.write_file(out, lambda f: torch.save({"model": state}, f))
+    return {"source": str(src), "out": str(out), "lavis_class": lavis_class, "tensors": len(state),
+            "trimmed": trimmed}
+
+
+def _lavis_blip_state(src: Path, config: BlipConfig, flat: dict) -> dict:
+    import torch
+
     # LAVIS's BLIP names are transformers' but for the ViT's: the same map, then the timm names
     _, _, _, tensors, _ = _transformers_tensors(src, config, flat)
     state = {_lavis_key(k): v for k, v in tensors.items()}
@@ -252,6 +368,4 @@ def export_lavis(src: str | Path, out: str | Path, *, overwrite: bool = False) -
     for key in [k for k in state if k.endswith("embeddings.position_embeddings.weight")]:
         state[key.replace("position_embeddings.weight", "position_ids")] = torch.arange(
             state[key].shape[0]).unsqueeze(0)
-    atomic.write_file(out, lambda f: torch.save({"model": state}, f))
-    return {"source": str(src), "out": str(out), "lavis_class": LAVIS_CLASSES[config.architecture],
-            "tensors": len(state)}
+    return state

@@ -354,6 +354,9 @@ def blip2_config(state: dict, architecture: str, heads: dict | None = None, llm_
     vocab = words.shape[0] if words is not None else 30523
     hidden = state["query_tokens"].shape[-1]
     positions = state.get("Qformer.bert.embeddings.position_embeddings.weight")
+    if positions is None:  # stage 2 keeps the buffer of the embeddings it deleted
+        positions = state.get("Qformer.bert.embeddings.position_ids")
+        positions = None if positions is None else positions.reshape(-1)
     layers = _layers(state, "Qformer.bert.encoder.layer.")
     crossing = sorted({int(m.group(1)) for k in state
                        if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.", k))})

@@ -4,13 +4,16 @@ Reads `model.safetensors`, sharded safetensors (`model.safetensors.index.json`) 
 `pytorch_model.bin` (optionally sharded). Tensors are read one at a time, so converting never holds
 the source model and the converted one in memory together. Safetensors are read without torch;
 `.bin` files need torch and are loaded with `weights_only=True`, memory-mapped when they are zip
-archives (a legacy, pre-1.6 `torch.save` file is read whole). A file that cannot be read (truncated,
+archives (a legacy, pre-1.6 `torch.save` file is read whole); once a tensor has been copied out,
+`release` hands its pages of the map back, so the file read does not pile up in the process's RSS. A file that cannot be read (truncated,
 empty, not a checkpoint, or a pickle holding objects rather than tensors) is a `ValueError` naming it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +66,69 @@ def torch_load(path: Path):
 
     if path.stat().st_size == 0:
         raise ValueError(f"cannot read {path}: the file is empty")
+    mapped = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         raise ValueError(f"refusing {path}: it holds pickled objects, not only tensors (torch.load with "
                          f"weights_only=True: {str(e).splitlines()[0][:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise _unreadable(path, e) from None
+    if mapped:
+        _MAPPED_FILES.add(str(path.resolve()))
+    return loaded
+
+
+_MAPPED_FILES: set[str] = set()  # the files torch_load memory-mapped
+_MADV_DONTNEED = 4
+
+
+def _mapping_of(address: int) -> str | None:
+    """The file whose private, read-back mapping holds `address` (from /proc/self/maps), if any."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # not Linux: nothing to release
+        return None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 and fields[1].endswith("p") else None
+    return None
+
+
+def release(tensor) -> None:
+    """Drop the pages a memory-mapped checkpoint tensor occupies in this process (its values have
+    been copied out). The map is private and never written, so the pages are the file's own and
+    would be read back from it unchanged if touched again; anything not in a map of a file
+    `torch_load` opened is left alone."""
+    if hasattr(tensor, "untyped_storage"):  # torch
+        address, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    elif isinstance(tensor, np.ndarray):
+        address, size = tensor.__array_interface__["data"][0], tensor.nbytes
+    else:
+        return
+    if not _MAPPED_FILES or size < mmap.PAGESIZE or _mapping_of(address) not in _MAPPED_FILES:
+        return
+    # whole pages inside the tensor only: its neighbours' pages stay
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def free_large_blocks_at_once() -> None:
+    """Make glibc give every block of 1 MB or more back to the system when it is freed. By default
+    it keeps freed blocks of up to 32 MB for reuse, so a conversion's peak would be a part plus
+    whatever those blocks add up to; this is process-wide, for the conversion commands."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (AttributeError, OSError):  # not glibc
+        pass
+
+
+_M_MMAP_THRESHOLD = -3
 
 
 class CheckpointReader:

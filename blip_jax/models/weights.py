@@ -69,7 +69,7 @@ def to_torch(array: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray
         return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
     if kind == "linear":
         return np.ascontiguousarray(array.reshape(shape[1], shape[0]).T) if len(shape) == 2 else array.reshape(shape)
-    return np.ascontiguousarray(array.reshape(shape))
+    return np.ascontiguousarray(array).reshape(shape)  # (ascontiguousarray makes a scalar 1-d)
 
 
 class LazyWeight:
@@ -90,7 +90,13 @@ class LazyWeight:
         return self.size * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None):
-        return np.asarray(to_flax(_numpy(self.tensors[self.key]), self.kind, self.shape), dtype or self.dtype)
+        from blip_jax.convert.reader import release
+
+        source = self.tensors[self.key]
+        # a copy of its own, so the source's pages (a memory-mapped file) can be handed back now
+        value = np.array(to_flax(_numpy(source), self.kind, self.shape), dtype or self.dtype)
+        release(source)
+        return value
 
 
 def _numpy(tensor) -> np.ndarray:
