@@ -323,18 +323,20 @@ LAVIS_LLM_TIED = {
 def export_lavis(src: str | Path, out: str | Path, *, trimmed: bool = False, overwrite: bool = False) -> dict:
     """Write the blip-jax model `src` as a LAVIS `.pth` (`{"model": state_dict}`) that LAVIS's
     `load_checkpoint` / `load_from_pretrained` reads into the class of its architecture: the same
-    names, layouts and dtypes LAVIS saves, tied copies (decoder heads, LLM embeddings) and
-    `position_ids` buffers included. BLIP: caption, retrieval and VQA; BLIP-2: stage 1 (`blip2`),
-    `blip2_opt`, `blip2_t5`; InstructBLIP: `blip2_vicuna_instruct`, `blip2_t5_instruct`. `trimmed`
-    (BLIP-2 / InstructBLIP) leaves out the frozen ViT and LLM, as LAVIS's runner saves. Momentum
-    encoders, queues and a BLIP retrieval model's ITC temperature are not written (LAVIS loads with
-    strict=False and builds them; blip-jax's BLIP retrieval models hold no temperature)."""
+    names, layouts and dtypes LAVIS saves, tied copies (decoder heads, the pre-training decoder's
+    shared layers, LLM embeddings) and buffers (`position_ids`, RoPE's `inv_freq`) included. BLIP:
+    caption, retrieval, VQA and pre-training (with the momentum encoders and queues a model
+    converted from a LAVIS pre-training file keeps); BLIP-2: stage 1 (`blip2`), `blip2_opt`,
+    `blip2_t5`; InstructBLIP: `blip2_vicuna_instruct`, `blip2_t5_instruct`. `trimmed` (BLIP-2 /
+    InstructBLIP) leaves out the frozen ViT and LLM as LAVIS's runner does. Other classes' momentum
+    encoders and queues, and a BLIP retrieval model's ITC temperature, are not written (LAVIS loads
+    with strict=False and builds them; blip-jax's BLIP retrieval models hold no temperature)."""
     import torch
 
     src, out = checkpoint.model_dir(src), Path(out)
     config = checkpoint.read_config(src)
     blip2 = isinstance(config, Blip2Config)
-    if not blip2 and config.architecture not in LAVIS_CLASSES:
+    if not blip2 and config.architecture not in {*LAVIS_CLASSES, "pretrain"}:
         raise ValueError(f"{src} is a BLIP {config.architecture} model; --to lavis writes BLIP "
                          f"{', '.join(LAVIS_CLASSES)}, BLIP-2 and InstructBLIP models so far")
     if trimmed and not blip2:
@@ -346,21 +348,31 @@ def export_lavis(src: str | Path, out: str | Path, *, trimmed: bool = False, ove
     _, params = checkpoint.load(src, scan_layers=False)
     flat = traverse_util.flatten_dict(params, sep="/")
     del params
+    report = {"source": str(src), "out": str(out)}
     if blip2:
         lavis_class, state = _lavis_blip2_state(src, config, flat, trimmed)
+        report["trimmed"] = trimmed
+    elif config.architecture == "pretrain":
+        lavis_class = "blip_pretrain"
+        state, report["momentum_and_queues"] = _lavis_pretrain_state(src, config, flat)
     else:
         lavis_class, state = LAVIS_CLASSES[config.architecture], _lavis_blip_state(src, config, flat)
     atomic.write_file(out, lambda f: torch.save({"model": state}, f))
-    return {"source": str(src), "out": str(out), "lavis_class": lavis_class, "tensors": len(state),
-            "trimmed": trimmed}
+    return {**report, "lavis_class": lavis_class, "tensors": len(state)}
 
 
 def _lavis_blip_state(src: Path, config: BlipConfig, flat: dict) -> dict:
-    import torch
-
+    """A BLIP caption / retrieval / VQA model's LAVIS state dict: transformers' names but for the
+    ViT's timm ones, plus the tied decoder head and position_ids LAVIS saves."""
     # LAVIS's BLIP names are transformers' but for the ViT's: the same map, then the timm names
     _, _, _, tensors, _ = _transformers_tensors(src, config, flat)
-    state = {_lavis_key(k): v for k, v in tensors.items()}
+    return _with_text_buffers({_lavis_key(k): v for k, v in tensors.items()})
+
+
+def _with_text_buffers(state: dict) -> dict:
+    """The tied decoder heads and the position_ids buffers of LAVIS's BERT text models."""
+    import torch
+
     for key in [k for k in state if k.endswith("cls.predictions.bias")]:  # the tied decoder head
         head = key[: -len("bias")]
         word = key.replace("cls.predictions.bias", "bert.embeddings.word_embeddings.weight")
@@ -369,3 +381,59 @@ def _lavis_blip_state(src: Path, config: BlipConfig, flat: dict) -> dict:
         state[key.replace("position_embeddings.weight", "position_ids")] = torch.arange(
             state[key].shape[0]).unsqueeze(0)
     return state
+
+
+def _torch_shapes(config: BlipConfig) -> dict[str, tuple[int, ...]]:
+    """transformers' BLIP tensor shapes for the model's modules: pre-training, which transformers
+    has no class for, is its retrieval model's plus its captioning model's text decoder."""
+    import torch
+    import transformers
+
+    shapes = {}
+    for architecture in ("retrieval", "caption") if config.architecture == "pretrain" else (config.architecture,):
+        hf = transformers_config(config.replace(architecture=architecture))
+        with torch.device("meta"):
+            model = getattr(transformers, hf["architectures"][0])(transformers.AutoConfig.for_model(**hf))
+        shapes.update({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    return shapes
+
+
+def _lavis_pretrain_state(src: Path, config: BlipConfig, flat: dict) -> tuple[dict, bool]:
+    """(state dict, whether it has the momentum encoders and queues) of a BLIP pre-training model:
+    the tied decoder written out under both names, as LAVIS saves it, and the train state kept
+    beside the parameters (`train_extra/`, a LAVIS pre-training file's, trained on here or not)."""
+    import torch
+
+    from blip_jax.convert.lavis import MOMENTUM_PREFIXES
+    from blip_jax.models import tying
+    from blip_jax.models.layout import unstack_layers
+
+    shapes = _torch_shapes(config)
+
+    def lavis_tensors(flat_params: dict, prefixes: dict | None = None) -> dict:
+        out = {}
+        for path in list(flat_params):
+            key, kind = blip_keys.hf_key(path)
+            value = np.asarray(flat_params.pop(path))
+            name = _lavis_key(key)
+            for momentum, online in (prefixes or {}).items():
+                if name.startswith(online):
+                    name = momentum + name[len(online):]
+                    break
+            out[name] = _torch(to_torch(value, kind, shapes.get(key, value.shape)))  # temp: no HF tensor
+        return out
+
+    full = tying.applied_form(config, traverse_util.unflatten_dict(flat, sep="/"))
+    flat.clear()
+    state = lavis_tensors(traverse_util.flatten_dict(full, sep="/"))
+    extra_dir = src / checkpoint.TRAIN_EXTRA
+    if extra_dir.is_dir():
+        extra = checkpoint.restore_params(extra_dir)
+        momentum = unstack_layers(extra["momentum"]) if config.scan_layers else extra["momentum"]
+        online = {v: k for k, v in MOMENTUM_PREFIXES.items()}
+        state.update(lavis_tensors(traverse_util.flatten_dict(momentum, sep="/"),
+                                   {m: o for o, m in online.items()}))
+        state["image_queue"] = torch.from_numpy(np.array(extra["image_queue"], np.float32))
+        state["text_queue"] = torch.from_numpy(np.array(extra["text_queue"], np.float32))
+        state["queue_ptr"] = torch.tensor([int(extra["ptr"])], dtype=torch.long)
+    return _with_text_buffers(state), extra_dir.is_dir()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from blip_jax.convert.reader import release
 from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 
 # LAVIS arch (the part of MODEL_TYPE before "/") -> blip-jax BLIP architecture
@@ -115,6 +116,8 @@ class RenamedTensors:
 
     def keys(self):
         return list(self.names)
+
+    release = staticmethod(release)  # a tensor read and copied out: its pages of the mapped .pth can go
 
     def __contains__(self, key: str) -> bool:
         return key in self.names

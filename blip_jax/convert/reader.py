@@ -165,6 +165,8 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._files)
 
+    release = staticmethod(release)  # a tensor read and copied out: its mapped pages can go
+
     def __contains__(self, key: str) -> bool:
         return key in self._files
 

@@ -90,12 +90,11 @@ class LazyWeight:
         return self.size * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None):
-        from blip_jax.convert.reader import release
-
         source = self.tensors[self.key]
-        # a copy of its own, so the source's pages (a memory-mapped file) can be handed back now
+        # a copy of its own, so a source that maps a file can hand the pages back now
         value = np.array(to_flax(_numpy(source), self.kind, self.shape), dtype or self.dtype)
-        release(source)
+        if hasattr(self.tensors, "release"):
+            self.tensors.release(source)
         return value
 
 
