@@ -11,6 +11,8 @@ REQUIREMENTS = [
 # torch is pinned to the CPU build that pip finds on local disk; an unpinned torch pulls CUDA wheels.
 # sentencepiece reads LLaMA / Vicuna tokenizer.model files (LAVIS's Vicuna directories have no tokenizer.json).
 CONVERT = ["torch==2.13.0", "transformers>=5.0", "sentencepiece"]
+# `blip-jax train --dry_run --topology=v5p:4x4x4` compiles for a TPU slice on any Linux x86 machine
+TPU_PLAN = ['libtpu; platform_system == "Linux" and platform_machine == "x86_64"']
 
 setup(
     name="blip-jax",
@@ -26,7 +28,8 @@ setup(
         "convert": CONVERT,
         # pycocoevalcap ships the jars METEOR (and the Java PTB tokenizer) run from; tests compare against it
         "eval": ["pycocoevalcap==1.2"],
-        "test": CONVERT + ["pytest>=8.0", "pycocoevalcap==1.2"],
+        "tpu-plan": TPU_PLAN,
+        "test": CONVERT + TPU_PLAN + ["pytest>=8.0", "pycocoevalcap==1.2"],
     },
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )

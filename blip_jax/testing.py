@@ -350,3 +350,29 @@ def write_tar(path: str | os.PathLike, members: list[tuple[str, bytes]]) -> dict
             tar.addfile(info, io.BytesIO(data))
     with tarfile.open(path) as tar:
         return {m.name: (m.offset, m.offset_data, m.size) for m in tar}
+
+
+def perturbed_copy(src: str | os.PathLike, dst: str | os.PathLike, *, seed: int = 0, scale: float = 0.02,
+                   frozen: bool = False) -> Path:
+    """A copy of the blip-jax model directory `src` whose parameters moved by N(0, scale) noise (a
+    fixed seed per parameter path), standing in for a model trained here: its exported form is not
+    the file it was converted from. A BLIP-2 model's frozen ViT and LLM stay unless `frozen`."""
+    import shutil
+    import zlib
+
+    from flax import traverse_util
+
+    from blip_jax import checkpoint
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(checkpoint.PARAMS))
+    flat = traverse_util.flatten_dict(checkpoint.restore_params(src), sep="/")
+    blip2 = checkpoint.read_config(src).to_dict()["model_type"] == "blip2"
+    for path, value in flat.items():
+        value = np.asarray(value)
+        if value.dtype.kind != "f" or (blip2 and not frozen and path.startswith(("vision/", "language_model/"))):
+            continue
+        noise = np.random.default_rng([seed, zlib.crc32(path.encode())]).normal(0, scale, value.shape)
+        flat[path] = (value + noise).astype(value.dtype)
+    checkpoint.save_params(dst, traverse_util.unflatten_dict(flat, sep="/"))
+    return dst

@@ -12,6 +12,9 @@ import pytest
 # `blip-jax` commands (in process or as subprocesses) keep JAX's compilation cache here, never in ~/.cache.
 os.environ["BLIP_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="blip_jax_test_jax_cache_")
 atexit.register(shutil.rmtree, os.environ["BLIP_JAX_CACHE_DIR"], True)
+# The tests run on CPU; libtpu (installed for the --topology plans) would otherwise look for a TPU in
+# every process and print its warnings. Topology plans compile for TPU all the same.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ARCHITECTURES = ("caption", "retrieval", "vqa")
 

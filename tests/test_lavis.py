@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch
+
 import blip_jax
 from blip_jax import generation
 from blip_jax.api import encode_image, generate_text
@@ -75,7 +77,11 @@ def _decoder_logits(model, image_embeds, texts, first_token):
 
 
 def test_caption_equals_lavis(lavis):
-    model, ref, arrays, pixels = lavis["blip_caption"]
+    _check_caption(*lavis["blip_caption"])
+
+
+def _check_caption(model, ref, arrays, pixels):
+    """A caption model's image embeddings, decoder logits and greedy / beam-3 ids against LAVIS's."""
     embeds = model.image_embeddings(pixels)
     _close(embeds, arrays["image_embeds"], "caption image embeds")
     logits = _decoder_logits(model, embeds, ref["train_texts"], model.config.text.bos_token_id)
@@ -335,8 +341,11 @@ def stage1(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["full", "trimmed"])
 def test_blip2_stage1_equals_lavis(stage1, kind):
     folder = FIXTURES / "blip2_qformer"
-    model = stage1[kind]
-    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    _check_stage1(stage1[kind], json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz"))
+
+
+def _check_stage1(model, ref, arrays):
+    """A stage-1 model's image embeddings, query and text features, ITC and ITM against LAVIS's."""
     pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
     assert model.config.ln_vision_eps == 1e-5 and model.config.vision.layer_norm_eps == 1e-6
     _close(model.image_embeddings(pixels), arrays["image_embeds_ln"], "stage 1 ViT + ln_vision")
@@ -395,8 +404,15 @@ def test_blip2_opt_equals_lavis(blip2_opt, kind, tmp_path):
     folder = FIXTURES / "blip2_opt"
     src = folder / ("model_trimmed.pth" if kind == "trimmed" else "model.pth")
     extra = ["--vision", str(FIXTURES / "eva_vit_tiny.pth")] if kind == "trimmed" else []
-    model = blip2_opt[kind]
-    ref, arrays = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    _check_opt(blip2_opt[kind], json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz"))
+    missing = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "o2"), "--lavis",
+                              "blip2_opt/pretrain_opt2.7b", "--tokenizer", str(TOKENIZER), *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "--llm" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _check_opt(model, ref, arrays):
+    """A Blip2OPT model's projected queries and greedy / beam-3 ids (two prompts) against LAVIS's."""
     pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
     assert model.config.llm.eos_token_id == ref["eos_token_id(\\n)"]  # LAVIS's OPT texts end at "\\n"
     _close(model.image_embeddings(pixels), arrays["image_embeds_ln"], "OPT model ViT + ln_vision")
@@ -411,10 +427,6 @@ def test_blip2_opt_equals_lavis(blip2_opt, kind, tmp_path):
             ours = model._generate_ids(pixels, [prompt] * len(pixels), {**options, "num_beams": beams})
             new = np.asarray(theirs["ids"])[:, len(theirs["llm_input_ids"][0]):]
             np.testing.assert_array_equal(ours[:, : new.shape[1]], new)
-    missing = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(src), str(tmp_path / "o2"), "--lavis",
-                              "blip2_opt/pretrain_opt2.7b", "--tokenizer", str(TOKENIZER), *extra],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "--llm" in missing.stderr and "Traceback" not in missing.stderr
 
 
 # ------------------------------------------------------------------ BLIP-2 stage 2: Flan-T5 (LAVIS 1.0.2)
@@ -617,3 +629,37 @@ def test_a_vicuna_directory_without_lavis_pad_row_gets_one(tmp_path):
                                {"max_new_tokens": theirs.shape[1], "num_beams": 1})
     eos = model.config.llm.eos_token_id
     assert _until_eos(ours, eos) == _until_eos(theirs, eos)
+
+
+# ------------------------------------------------------------------ LAVIS out: LAVIS runs what blip-jax exports
+EXPORTED = FIXTURES / "exported"  # make_lavis_outputs.py: LAVIS's outputs on these files
+EXPORTED_MODELS = {"blip_caption": ("blip_caption/base_coco", None, lambda m, r, a: _check_caption(
+                       m, r, a, a["pixel_values"].transpose(0, 2, 3, 1))),
+                   "blip2_qformer": ("blip2/pretrain", None, _check_stage1),
+                   "blip2_opt": ("blip2_opt/pretrain_opt2.7b", "opt-tiny", _check_opt)}
+
+
+@pytest.mark.parametrize("name", list(EXPORTED_MODELS))
+def test_lavis_reproduces_a_moved_blip_jax_model_from_its_export(name, tmp_path):
+    """A model moved away from its LAVIS weights (as training here would), exported with
+    `--to lavis`, is what LAVIS's own code ran (LAVIS loaded the committed file with no missing or
+    unexpected key): its outputs, generated ids included, equal blip-jax's on the moved model."""
+    from blip_jax.testing import perturbed_copy
+
+    model_type, llm = EXPORTED_MODELS[name][:2]
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "convert", str(FIXTURES / name / "model.pth"),
+                           str(tmp_path / "jax"), "--lavis", model_type, "--tokenizer", str(TOKENIZER),
+                           "--heads", "vision=4,text=3", *(["--llm", str(FIXTURES / llm)] if llm else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    perturbed_copy(tmp_path / "jax", tmp_path / "moved", seed=1)
+    exported = subprocess.run([sys.executable, "-m", "blip_jax.cli", "export", str(tmp_path / "moved"),
+                               str(tmp_path / "moved.pth"), "--to", "lavis"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    ours = torch.load(tmp_path / "moved.pth", weights_only=True)["model"]
+    ran = torch.load(EXPORTED / f"{name}.pth", weights_only=True)["model"]  # the file LAVIS ran
+    assert sorted(ours) == sorted(ran) and all(torch.equal(ours[k], ran[k]) for k in ours)
+    ref = json.loads((EXPORTED / f"{name}.json").read_text())
+    assert ref["missing_keys"] == [] and ref["unexpected_keys"] == []
+    EXPORTED_MODELS[name][2](blip_jax.load(tmp_path / "moved"), ref, np.load(EXPORTED / f"{name}.npz"))

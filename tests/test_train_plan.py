@@ -59,3 +59,39 @@ def test_paper_preset_on_64_devices():
     assert plan["parameters"]["trainable"] > 200e6  # ViT-B/16 + BERT-base encoder / decoder + heads
     per = plan["per_device_gib"]
     assert 1 < per["argument"] < per["peak_estimate"] < 80  # a copy of the state per device, 45 examples' activations
+
+
+def _topology_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blip_jax.cli", "train", "--dry_run", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def test_tiny_preset_compiles_for_a_tpu_slice():
+    """libtpu compiles the real train step for 8 TPU v5p chips on this CPU machine: memory per chip
+    against its HBM, the compiler's step time, the projected MFU and the collectives' bytes."""
+    done = _topology_run("--config=configs/blip2_stage1.py:tiny", "--topology=v5p:2x2x2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WARNING" not in done.stderr  # libtpu told there is no TPU to look for
+    plan = json.loads(done.stdout)
+    tpu = plan["tpu"]
+    assert plan["devices"] == 8 and tpu["chip"] == "TPU v5p" and tpu["chips"] == 8
+    assert tpu["hbm_gib_per_device"] == 95.0 and tpu["fits"]
+    assert 0 < tpu["estimated_step_seconds"] < 1 and 0 < tpu["projected_mfu"] <= 1
+    assert tpu["collective_bytes_per_device"]["all-reduce"] > 0  # data-parallel gradients
+
+
+@pytest.mark.parametrize("topology,message", [
+    ("v9x:2x2", "expected GENERATION:SHAPE"),
+    ("v5p:3x3x3", "libtpu refuses it"),
+])
+def test_a_topology_libtpu_does_not_know_is_one_line(topology, message):
+    done = _topology_run("--config=configs/blip2_stage1.py:tiny", f"--topology={topology}")
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_slice_too_small_for_the_model_is_refused_before_compiling():
+    """InstructBLIP Vicuna-13B on one v5e chip (16 GiB): refused from the state's size, in seconds."""
+    done = _topology_run("--config=configs/instructblip_vicuna.py:vitg_vicuna13b", "--topology=v5e:1x1")
+    assert done.returncode == 2 and "too small for this model" in done.stderr and "16.0 GiB" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

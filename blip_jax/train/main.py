@@ -23,6 +23,8 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/", flag_values=values)
     flags.DEFINE_bool("dry_run", False, "compile the train step for the mesh, print memory and FLOPs, and exit",
                       flag_values=values)
+    flags.DEFINE_string("topology", None, "with --dry_run: compile for this TPU slice instead (libtpu, no TPU "
+                        "needed), e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:8x8", flag_values=values)
     return values
 
 
@@ -39,14 +41,24 @@ def main(argv: list[str]) -> int:
 
     from blip_jax import validate
 
+    if FLAGS.topology and not FLAGS.dry_run:
+        print("--topology compiles a plan: pass --dry_run with it", file=sys.stderr)
+        return 2
+    tpu = None
+    if FLAGS.topology:
+        from blip_jax.hardware import quiet_libtpu, tpu_slice
+
+        quiet_libtpu(FLAGS.topology)
+        tpu = tpu_slice(FLAGS.topology)
     processes.initialize(FLAGS)
-    validate.train(FLAGS.config, jax.device_count(), jax.process_count(), paths=not FLAGS.dry_run)
+    validate.train(FLAGS.config, len(tpu.devices) if tpu else jax.device_count(), jax.process_count(),
+                   paths=not FLAGS.dry_run)
     from blip_jax.train import trainer
 
     if FLAGS.dry_run:
         from blip_jax.train import plan
 
-        print(json.dumps(plan.plan(FLAGS.config), indent=2))
+        print(json.dumps(plan.plan(FLAGS.config, tpu), indent=2))
         return 0
     last = trainer.train(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:

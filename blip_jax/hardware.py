@@ -1,0 +1,87 @@
+"""Accelerator facts: each chip's dense bf16 peak and memory, and TPU topologies compiled for without a TPU.
+
+The peaks are the vendors' dense (no sparsity) bf16 matmul figures per chip; MFU divides achieved
+model FLOPs by them. `tpu_devices("v5p:4x4x4")` gives the devices of that slice from libtpu
+(PyPI `libtpu`), which jit(...).lower(...).compile() targets on a machine with no TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_bf16_flops: float  # dense, per chip
+    memory_bytes: int  # HBM per chip
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 32 * GIB),
+    "v5e": Chip("TPU v5e", 197e12, 16 * GIB),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GIB),
+    "v6e": Chip("TPU v6e (Trillium)", 918e12, 32 * GIB),
+    "a100": Chip("NVIDIA A100 SXM", 312e12, 80 * 10**9),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * 10**9),
+    "h200": Chip("NVIDIA H200", 989e12, 141 * 10**9),
+}
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A TPU slice to compile for: its devices (one per JAX device), chip and chips."""
+
+    name: str
+    chip: Chip
+    chips: int
+    devices: list
+
+    @property
+    def devices_per_chip(self) -> int:
+        return max(1, len(self.devices) // self.chips)
+
+    @property
+    def device_memory_bytes(self) -> int:
+        return self.chip.memory_bytes // self.devices_per_chip
+
+    @property
+    def device_peak_flops(self) -> float:
+        return self.chip.peak_bf16_flops / self.devices_per_chip
+
+
+def quiet_libtpu(name: str) -> None:
+    """libtpu on a machine with no TPU looks for one (the metadata server, the worker hostnames)
+    and prints pages of warnings unless told; a compile for a slice needs neither. Call before jax
+    initialises its backends; a value already set is kept."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{name.split(':')[0]}-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def tpu_slice(name: str) -> Slice:
+    """The TPU slice `name` ("v5p:4x4x4", "v4:2x2x2", "v5e:4x4", "v6e:8x8"); ValueError in one line
+    for a name libtpu does not know, ImportError when libtpu is not installed."""
+    match = _TOPOLOGY.match(name)
+    if not match:
+        raise ValueError(f"--topology {name!r}: expected GENERATION:SHAPE with GENERATION one of "
+                         f"{', '.join(TPU_GENERATIONS)} and SHAPE chips per axis, e.g. v5p:4x4x4, v5e:4x4")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise ImportError("--topology compiles with libtpu: pip install libtpu (no TPU needed)") from e
+    from jax.experimental import topologies
+
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    except Exception as e:  # noqa: BLE001 - libtpu's errors are long; its first line says what is wrong
+        raise ValueError(f"--topology {name!r}: libtpu refuses it: {str(e).strip().splitlines()[0][:300]}") from None
+    chips = math.prod(int(n) for n in match.group(2).split("x"))
+    return Slice(name, CHIPS[match.group(1)], chips, list(devices))
