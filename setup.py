@@ -13,6 +13,8 @@ REQUIREMENTS = [
 CONVERT = ["torch==2.13.0", "transformers>=5.0", "sentencepiece"]
 # `blip-jax train --dry_run --topology=v5p:4x4x4` compiles for a TPU slice on any Linux x86 machine
 TPU_PLAN = ['libtpu; platform_system == "Linux" and platform_machine == "x86_64"']
+# workdirs, checkpoints and model directories in buckets (etils epath over fsspec; Orbax uses TensorStore)
+GCS = ["gcsfs"]
 
 setup(
     name="blip-jax",
@@ -29,7 +31,9 @@ setup(
         # pycocoevalcap ships the jars METEOR (and the Java PTB tokenizer) run from; tests compare against it
         "eval": ["pycocoevalcap==1.2"],
         "tpu-plan": TPU_PLAN,
-        "test": CONVERT + TPU_PLAN + ["pytest>=8.0", "pycocoevalcap==1.2"],
+        "gcs": GCS,
+        # the object-store tests run a real GCS API server on 127.0.0.1
+        "test": CONVERT + TPU_PLAN + GCS + ["gcp-storage-emulator", "pytest>=8.0", "pycocoevalcap==1.2"],
     },
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from blip_jax import paths
 from blip_jax.atomic import write_json
 
 JOB_FILE = "job.json"
@@ -58,7 +59,7 @@ def claim(workdir: str | os.PathLike, identity: dict, *, has_outputs: bool, writ
     """Resume only the job that wrote `workdir`: record `identity` (models by `model_identity`, the
     settings that change outputs) or refuse when W's outputs (`has_outputs`) came from another.
     A model found at another path with the same fingerprint is the same model."""
-    path = Path(workdir) / JOB_FILE
+    path = paths.path(workdir) / JOB_FILE
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     if old is not None and has_outputs:
         changed = [k for k in _differences(old, identity) if not k.endswith(".path")]

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from blip_jax import atomic, checkpoint
+from blip_jax import atomic, checkpoint, paths
 from blip_jax.convert import blip2_keys, blip_keys
 from blip_jax.convert.blip2_keys import blip2_config_from_hf
 from blip_jax.convert.hf_config import blip_config_from_hf, read_hf_config
@@ -39,7 +39,7 @@ def convert(src: str | Path, dst: str | Path, *, scan_layers: bool = False, para
 
     `param_dtype` stores every parameter; for BLIP-2 / InstructBLIP `frozen_dtype` (default:
     `param_dtype`) stores the frozen ViT and LLM instead, e.g. bfloat16 beside a float32 Q-Former."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), paths.path(dst)  # DST may be a gs:// or s3:// URL
     start = time.time()
     hf = read_hf_config(src)
     reader = CheckpointReader(src)
@@ -118,7 +118,7 @@ def convert_lavis(src: str | Path, dst: str | Path, model_type: str, *, tokenize
     from blip_jax.images import ImageProcessor
     from blip_jax.text import BlipTokenizer
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), paths.path(dst)  # DST may be a gs:// or s3:// URL
     start = time.time()
     arch, architecture = lavis.parse_model_type(model_type)
     if not (Path(tokenizer) / "vocab.txt").is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from blip_jax import atomic, checkpoint
+from blip_jax import atomic, checkpoint, paths
 from blip_jax.images import ImageProcessor
 from blip_jax.models.config import BlipConfig
 from blip_jax.text import QFORMER_TOKENIZER
@@ -54,7 +54,7 @@ def export_model(workdir: str | Path, st, task) -> Path:
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.device_get(params)
-    dst = Path(workdir) / MODEL_DIR
+    dst = paths.path(workdir) / MODEL_DIR
     if jax.process_index() == 0:
         with atomic.directory(dst, overwrite=True) as tmp:
             checkpoint.write_config(tmp, st.config)

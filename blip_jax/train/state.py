@@ -16,7 +16,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from blip_jax import checkpoint
+from blip_jax import checkpoint, paths
 from blip_jax.models import transfer
 from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
@@ -261,4 +261,4 @@ def opt_state_shardings(opt_state, param_shardings, mesh: Mesh):
 
 
 def frozen_dir(workdir: str | Path) -> Path:
-    return Path(workdir) / "frozen"
+    return paths.path(workdir) / "frozen"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from blip_jax import atomic, checkpoint
+from blip_jax import atomic, checkpoint, paths
 from blip_jax.train import inputs, optim, partition, sharding
 from blip_jax.train import state as state_lib
 from blip_jax.train.export import export_model
@@ -111,35 +112,50 @@ def abstract_like(tree):
 
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only."""
+    """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only. In
+    a bucket, which has no append, both are written locally and uploaded whole at each log."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
+        self.remote = paths.is_remote(workdir)
         self.tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb_dir = workdir / "tensorboard"
+            self.tb_local = tempfile.mkdtemp(prefix="blip_jax_tb.") if self.remote else str(self.tb_dir)
+            self.tb = SummaryWriter(self.tb_local)
+            self.lines = self.path.read_text().splitlines(keepends=True) if self.remote and self.path.exists() else []
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            atomic.write_file(self.path, "".join(self.lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         for name, value in metrics.items():
             self.tb.add_scalar(name, value, step)
         self.tb.flush()
+        if self.remote:
+            paths.upload_tree(self.tb_local, self.tb_dir)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+            if self.remote:
+                paths.upload_tree(self.tb_local, self.tb_dir)
+                shutil.rmtree(self.tb_local, ignore_errors=True)
 
 
 def _checkpoint_manager(workdir: Path, cfg) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
                                            enable_async_checkpointing=cfg.async_checkpointing, create=True)
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options,
+    return ocp.CheckpointManager(paths.absolute(workdir) / "checkpoints", options=options,
                                  item_names=("state", "data"))
 
 
@@ -183,7 +199,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, target) -> dict:
     except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many kinds for a damaged file
         from blip_jax.errors import one_line
 
-        where = Path(manager.directory) / str(step)
+        where = paths.path(str(manager.directory)) / str(step)
         earlier = [s for s in manager.all_steps() if s < step]
         offer = (f"delete {where} to resume from the previous checkpoint, step {max(earlier)}" if earlier else
                  "no earlier checkpoint is left: start fresh with a new --workdir")
@@ -197,11 +213,11 @@ def _save_frozen(workdir: Path, frozen: dict, cfg):
     if cfg.model.init_from or path.exists() or not jax.tree.leaves(frozen):  # BLIP trains everything
         return
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path.absolute(), frozen)
+        ckptr.save(paths.absolute(path), frozen)
 
 
 def _restore_frozen(workdir: Path, frozen: dict) -> dict:
-    path = state_lib.frozen_dir(workdir).absolute()
+    path = paths.absolute(state_lib.frozen_dir(workdir))
     if not path.exists():
         return frozen
     target = abstract_like(frozen)
@@ -232,8 +248,9 @@ def _say(message: str) -> None:
 
 
 def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Run (or resume) the training job `cfg` in `workdir`; returns the last logged metrics."""
-    workdir = Path(workdir)
+    """Run (or resume) the training job `cfg` in `workdir` (a directory, or a gs:// / s3:// URL);
+    returns the last logged metrics."""
+    workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _claim(workdir, cfg)
     atomic.write_file(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
@@ -308,7 +325,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
             from blip_jax.train.report import report
 
             last["report"] = report(cfg, st, task)
-            (workdir / "report.json").write_text(json.dumps(last["report"], indent=2) + "\n")
+            atomic.write_json(workdir / "report.json", last["report"])
     finally:
         manager.wait_until_finished()
         manager.close()
