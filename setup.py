@@ -12,7 +12,7 @@ REQUIREMENTS = [
 # sentencepiece reads LLaMA / Vicuna tokenizer.model files (LAVIS's Vicuna directories have no tokenizer.json).
 CONVERT = ["torch==2.13.0", "transformers>=5.0", "sentencepiece"]
 # `blip-jax train --dry_run --topology=v5p:4x4x4` compiles for a TPU slice on any Linux x86 machine
-TPU_PLAN = ['libtpu; platform_system == "Linux" and platform_machine == "x86_64"']
+TPU_PLAN = ['jax[tpu]; platform_system == "Linux" and platform_machine == "x86_64"']  # libtpu at jax's pin
 # workdirs, checkpoints and model directories in buckets (etils epath over fsspec; Orbax uses TensorStore)
 GCS = ["gcsfs"]
 
