@@ -51,7 +51,7 @@ def smallest_slice(preset: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | slice | global batch | params (trainable / frozen) | peak GiB / chip (HBM 95) | "
+    lines = ["| preset | slice | global batch | params (trainable / frozen) | peak GiB / chip (HBM 95.7) | "
              "TFLOPs / chip / step | est. step s | projected MFU | all-reduce / all-gather / reduce-scatter GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -25,7 +25,7 @@ class Chip:
 CHIPS = {
     "v4": Chip("TPU v4", 275e12, 32 * GIB),
     "v5e": Chip("TPU v5e", 197e12, 16 * GIB),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GIB),
+    "v5p": Chip("TPU v5p", 459e12, int(95.74 * GIB)),  # what its compiler reports available (libtpu 0.0.42)
     "v6e": Chip("TPU v6e (Trillium)", 918e12, 32 * GIB),
     "a100": Chip("NVIDIA A100 SXM", 312e12, 80 * 10**9),
     "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * 10**9),
