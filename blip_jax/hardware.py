@@ -64,6 +64,7 @@ def quiet_libtpu(name: str) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{name.split(':')[0]}-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip is opened: plans may run side by side
 
 
 def tpu_slice(name: str) -> Slice:
