@@ -57,10 +57,10 @@ class Slice:
         return self.chip.peak_bf16_flops / self.devices_per_chip
 
 
-def quiet_libtpu(name: str) -> None:
+def _quiet_libtpu(name: str) -> None:
     """libtpu on a machine with no TPU looks for one (the metadata server, the worker hostnames)
-    and prints pages of warnings unless told; a compile for a slice needs neither. Call before jax
-    initialises its backends; a value already set is kept."""
+    and prints pages of warnings unless told; a compile for a slice needs neither. It reads these
+    when it loads (here, or when jax first initialises its backends); a value already set is kept."""
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{name.split(':')[0]}-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -74,6 +74,7 @@ def tpu_slice(name: str) -> Slice:
     if not match:
         raise ValueError(f"--topology {name!r}: expected GENERATION:SHAPE with GENERATION one of "
                          f"{', '.join(TPU_GENERATIONS)} and SHAPE chips per axis, e.g. v5p:4x4x4, v5e:4x4")
+    _quiet_libtpu(name)
     try:
         import libtpu  # noqa: F401
     except ImportError as e:

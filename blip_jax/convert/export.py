@@ -204,41 +204,6 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
 
 # blip-jax BLIP architecture -> the LAVIS class whose state dict `export_lavis` writes
 LAVIS_CLASSES = {"caption": "blip_caption", "retrieval": "blip_retrieval", "vqa": "blip_vqa"}
-# transformers' BLIP vision names -> the timm names of LAVIS's ViT (the inverse of `lavis._VIT`)
-_LAVIS_VIT = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-]
-# transformers' BLIP-2 names -> LAVIS's (the inverse of `lavis._QFORMER` and `_INSTRUCT_QFORMER`);
-# BLIP-2's ViT has no final norm: post_layernorm is LAVIS's ln_vision
-_LAVIS_QFORMER = [
-    (r"^vision_model\.post_layernorm\.", "ln_vision."),
-    (r"^qformer\.(embeddings\.)?layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^(qformer\.)?embeddings\.(word|position)_embeddings\.", r"Qformer.bert.embeddings.\2_embeddings."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
-     r"Qformer.bert.encoder.layer.\1.\2.self."),
-    (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
-    (r"^itg_dense\.", "Qformer.cls.predictions.transform.dense."),
-    (r"^itg_norm\.", "Qformer.cls.predictions.transform.LayerNorm."),
-    (r"^itg_bias$", "Qformer.cls.predictions.bias"),
-    (r"^vision_projection\.", "vision_proj."),
-    (r"^text_projection\.", "text_proj."),
-]
-
-
-def _lavis_key(key: str, rules=_LAVIS_VIT) -> str:
-    for pattern, replacement in rules:
-        if re.search(pattern, key):
-            return re.sub(pattern, replacement, key)
-    return key
-
-
 def _lavis_blip2_class(config: Blip2Config) -> str:
     """The LAVIS class a blip-jax BLIP-2 model is (stage 1: `blip2`)."""
     from blip_jax.convert import lavis
@@ -263,9 +228,6 @@ def _lavis_blip2_state(src: Path, config: Blip2Config, flat: dict, trimmed: bool
 
     arch = _lavis_blip2_class(config)
     llm_prefix, proj_prefix, _ = lavis.LLM_PARTS.get(arch, ("", "", ""))
-    # LAVIS's runner trims the frozen parameters but keeps the LLM's tied copies (torch lists a tied
-    # parameter once, under its first name, so the copy's key escapes the trim)
-    trim = r"^vision\.|^language_model\." if trimmed else None
     stage1 = {p: flat.pop(p) for p in [p for p in flat if blip2_keys.STAGE1_ONLY.search(p)]}
     _, _, _, tensors, _ = _transformers_tensors(src, config, flat, use_saved=False)
     for path, value in stage1.items():  # no transformers class holds them: LAVIS's shapes, from blip-jax's
@@ -279,7 +241,7 @@ def _lavis_blip2_state(src: Path, config: Blip2Config, flat: dict, trimmed: bool
         elif key.startswith("language_projection."):
             state[proj_prefix + key[len("language_projection."):]] = value
         else:
-            state[_lavis_key(key, _LAVIS_QFORMER + _LAVIS_VIT)] = value
+            state[lavis.rename(key, lavis.INSTRUCT_BLIP2_NAMES.to_lavis)] = value  # both Q-Former forms
     for key in [k for k in state if k.endswith(".attn.qkv.bias")]:  # EVA: q and v biases, no key bias
         q, k, v = state.pop(key).chunk(3)
         if torch.count_nonzero(k):
@@ -291,9 +253,11 @@ def _lavis_blip2_state(src: Path, config: Blip2Config, flat: dict, trimmed: bool
     for copy, original in LAVIS_LLM_TIED.get(arch, {}).items():  # tied copies the LLM's state dict lists
         if llm_prefix + original in state:
             state.setdefault(llm_prefix + copy, state[llm_prefix + original])
-    if trim:
+    if trimmed:  # LAVIS's runner drops the frozen ViT and LLM but keeps the LLM's tied copies (torch
+        # lists a tied parameter once, under its first name, so the copy's key escapes the trim)
         kept = {llm_prefix + copy for copy in LAVIS_LLM_TIED.get(arch, {})}
-        state = {k: v for k, v in state.items() if k in kept or not re.search(trim, _blip_jax_side(k, llm_prefix))}
+        frozen = ("visual_encoder.", llm_prefix) if llm_prefix else ("visual_encoder.",)
+        state = {k: v for k, v in state.items() if k in kept or not k.startswith(frozen)}
     # buffers, which the runner never trims
     state["Qformer.bert.embeddings.position_ids"] = torch.arange(config.qformer_max_positions).unsqueeze(0)
     if config.llm_family == "llama":  # transformers 4.33 (LAVIS's) saved RoPE's frequencies
@@ -301,15 +265,6 @@ def _lavis_blip2_state(src: Path, config: Blip2Config, flat: dict, trimmed: bool
         for i in range(config.llm.num_layers):
             state[f"{llm_prefix}model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / config.llm.rope_theta ** half
     return arch, state
-
-
-def _blip_jax_side(lavis_key: str, llm_prefix: str) -> str:
-    """Which blip-jax part a LAVIS key belongs to, as "vision." / "language_model." / the key."""
-    if lavis_key.startswith("visual_encoder."):
-        return "vision."
-    if llm_prefix and lavis_key.startswith(llm_prefix):
-        return "language_model."
-    return lavis_key
 
 
 # LAVIS class -> {LLM state-dict key: the key whose tensor it is} for the copies torch saves twice
@@ -366,7 +321,9 @@ def _lavis_blip_state(src: Path, config: BlipConfig, flat: dict) -> dict:
     ViT's timm ones, plus the tied decoder head and position_ids LAVIS saves."""
     # LAVIS's BLIP names are transformers' but for the ViT's: the same map, then the timm names
     _, _, _, tensors, _ = _transformers_tensors(src, config, flat)
-    return _with_text_buffers({_lavis_key(k): v for k, v in tensors.items()})
+    from blip_jax.convert.lavis import VIT, rename
+
+    return _with_text_buffers({rename(k, VIT.to_lavis): v for k, v in tensors.items()})
 
 
 def _with_text_buffers(state: dict) -> dict:
@@ -404,7 +361,7 @@ def _lavis_pretrain_state(src: Path, config: BlipConfig, flat: dict) -> tuple[di
     beside the parameters (`train_extra/`, a LAVIS pre-training file's, trained on here or not)."""
     import torch
 
-    from blip_jax.convert.lavis import MOMENTUM_PREFIXES
+    from blip_jax.convert.lavis import MOMENTUM_PREFIXES, VIT, rename
     from blip_jax.models import tying
     from blip_jax.models.layout import unstack_layers
 
@@ -415,7 +372,7 @@ def _lavis_pretrain_state(src: Path, config: BlipConfig, flat: dict) -> tuple[di
         for path in list(flat_params):
             key, kind = blip_keys.hf_key(path)
             value = np.asarray(flat_params.pop(path))
-            name = _lavis_key(key)
+            name = rename(key, VIT.to_lavis)
             for momentum, online in (prefixes or {}).items():
                 if name.startswith(online):
                     name = momentum + name[len(online):]
@@ -430,9 +387,7 @@ def _lavis_pretrain_state(src: Path, config: BlipConfig, flat: dict) -> tuple[di
     if extra_dir.is_dir():
         extra = checkpoint.restore_params(extra_dir)
         momentum = unstack_layers(extra["momentum"]) if config.scan_layers else extra["momentum"]
-        online = {v: k for k, v in MOMENTUM_PREFIXES.items()}
-        state.update(lavis_tensors(traverse_util.flatten_dict(momentum, sep="/"),
-                                   {m: o for o, m in online.items()}))
+        state.update(lavis_tensors(traverse_util.flatten_dict(momentum, sep="/"), MOMENTUM_PREFIXES))
         state["image_queue"] = torch.from_numpy(np.array(extra["image_queue"], np.float32))
         state["text_queue"] = torch.from_numpy(np.array(extra["text_queue"], np.float32))
         state["queue_ptr"] = torch.tensor([int(extra["ptr"])], dtype=torch.long)

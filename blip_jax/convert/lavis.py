@@ -61,17 +61,46 @@ EVA_HEADS = 16  # EVA ViT-g (width 1408) and CLIP ViT-L (1024): 16 heads
 LAVIS_VIT_EPS = 1e-6  # timm's ViT in LAVIS (transformers' BLIP config says 1e-5)
 HEAD_WIDTH = 64  # every released BLIP: ViT-B 768/12, ViT-L 1024/16, BERT-base 768/12
 
-# timm ViT names (LAVIS) -> transformers' BLIP vision names
-_VIT = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm(\d)\.", r"vision_model.encoder.layers.\1.layer_norm\2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-]
+class Names:
+    """A LAVIS <-> transformers rename table, written once and read both ways. Each row pairs a
+    LAVIS name with the transformers one; `{n}` / `{m}` stand for layer numbers, a name ending in
+    "." is a prefix (anything may follow) and any other is a whole key. Rows are tried in order,
+    the first match wins, in either direction."""
+
+    def __init__(self, *rows: tuple[str, str]):
+        self.rows = rows
+        self.from_lavis = [_rule(lavis, hf) for lavis, hf in rows]
+        self.to_lavis = [_rule(hf, lavis) for lavis, hf in rows]
+
+    def __add__(self, other: "Names") -> "Names":
+        return Names(*self.rows, *other.rows)
+
+
+def _rule(source: str, target: str) -> tuple[re.Pattern, str]:
+    pieces = re.split(r"\{(\w)\}", source)  # literal, name, literal, ...
+    pattern = "".join(re.escape(x) if k % 2 == 0 else rf"(?P<{x}>\d+)" for k, x in enumerate(pieces))
+    return re.compile("^" + pattern + ("" if source.endswith(".") else "$")), re.sub(r"\{(\w)\}", r"\\g<\1>", target)
+
+
+def rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    """`key` under the first of `rules` (a `Names` direction) that matches it, else unchanged."""
+    for pattern, replacement in rules:
+        if pattern.search(key):
+            return pattern.sub(replacement, key, count=1)
+    return key
+
+
+# timm ViT names (LAVIS) <-> transformers' BLIP vision names
+VIT = Names(
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.norm.", "vision_model.post_layernorm."),
+    ("visual_encoder.blocks.{n}.norm{m}.", "vision_model.encoder.layers.{n}.layer_norm{m}."),
+    ("visual_encoder.blocks.{n}.attn.qkv.", "vision_model.encoder.layers.{n}.self_attn.qkv."),
+    ("visual_encoder.blocks.{n}.attn.proj.", "vision_model.encoder.layers.{n}.self_attn.projection."),
+    ("visual_encoder.blocks.{n}.mlp.", "vision_model.encoder.layers.{n}.mlp."),
+)
 # What a LAVIS checkpoint holds that no blip-jax BLIP parameter is: momentum copies, queues, buffers.
 MOMENTUM_AND_QUEUES = re.compile(r"(_m\.|_m$|^(image|text|idx)_queue$|^queue_ptr$)")
 
@@ -109,10 +138,7 @@ class RenamedTensors:
 
     @staticmethod
     def _rename(key: str) -> str:
-        for pattern, replacement in _VIT:
-            if re.search(pattern, key):
-                return re.sub(pattern, replacement, key)
-        return key
+        return rename(key, VIT.from_lavis)
 
     def keys(self):
         return list(self.names)
@@ -225,27 +251,30 @@ def momentum_state(state: dict, config: BlipConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------- BLIP-2
-# LAVIS's EVA ViT and Q-Former names -> transformers' BLIP-2 names (what blip2_keys reads)
-_QFORMER = [
-    (r"^ln_vision\.", "vision_model.post_layernorm."),
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
-    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),
-    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
-     r"qformer.encoder.layer.\1.\2.attention."),
-    (r"^Qformer\.bert\.encoder\.", "qformer.encoder."),
-    (r"^Qformer\.cls\.predictions\.transform\.dense\.", "itg_dense."),
-    (r"^Qformer\.cls\.predictions\.transform\.LayerNorm\.", "itg_norm."),
-    (r"^Qformer\.cls\.predictions\.bias$", "itg_bias"),
-    (r"^vision_proj\.", "vision_projection."),
-    (r"^text_proj\.", "text_projection."),
-]
-
-
+# LAVIS's EVA ViT and Q-Former names <-> transformers' BLIP-2 names (what blip2_keys reads); BLIP-2's
+# ViT has no final norm, so post_layernorm is LAVIS's ln_vision
+QFORMER = Names(
+    ("ln_vision.", "vision_model.post_layernorm."),
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.layernorm."),
+    ("Qformer.bert.embeddings.word_embeddings.", "embeddings.word_embeddings."),
+    ("Qformer.bert.embeddings.position_embeddings.", "embeddings.position_embeddings."),
+    ("Qformer.bert.encoder.layer.{n}.attention.self.", "qformer.encoder.layer.{n}.attention.attention."),
+    ("Qformer.bert.encoder.layer.{n}.crossattention.self.", "qformer.encoder.layer.{n}.crossattention.attention."),
+    ("Qformer.bert.encoder.", "qformer.encoder."),
+    ("Qformer.cls.predictions.transform.dense.", "itg_dense."),
+    ("Qformer.cls.predictions.transform.LayerNorm.", "itg_norm."),
+    ("Qformer.cls.predictions.bias", "itg_bias"),
+    ("vision_proj.", "vision_projection."),
+    ("text_proj.", "text_projection."),
+)
 # InstructBLIP's Q-Former holds its own embeddings, under transformers' InstructBLIP names
-_INSTRUCT_QFORMER = [
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.embeddings.layernorm."),
-    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"qformer.embeddings.\1_embeddings."),
-]
+INSTRUCT_QFORMER = Names(
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.embeddings.layernorm."),
+    ("Qformer.bert.embeddings.word_embeddings.", "qformer.embeddings.word_embeddings."),
+    ("Qformer.bert.embeddings.position_embeddings.", "qformer.embeddings.position_embeddings."),
+)
+BLIP2_NAMES = QFORMER + VIT  # QFORMER first: its ln_vision, not the timm ViT's norm
+INSTRUCT_BLIP2_NAMES = INSTRUCT_QFORMER + BLIP2_NAMES
 
 
 def with_vision(state: dict, vision: dict, path) -> dict:
@@ -285,10 +314,7 @@ class Blip2Tensors(RenamedTensors):
             return "language_model." + key[len(self.llm_prefix):]
         if self.proj_prefix and key.startswith(self.proj_prefix):
             return "language_projection." + key[len(self.proj_prefix):]
-        for pattern, replacement in (_INSTRUCT_QFORMER if self.instruct else []) + _QFORMER + _VIT:
-            if re.search(pattern, key):
-                return re.sub(pattern, replacement, key)
-        return key
+        return rename(key, (INSTRUCT_BLIP2_NAMES if self.instruct else BLIP2_NAMES).from_lavis)
 
     def _short_rows(self, name: str, shape) -> int:
         """Rows the LLM directory's embedding / output matrix lacks for the tokens LAVIS added."""

@@ -5,8 +5,9 @@ Reads `model.safetensors`, sharded safetensors (`model.safetensors.index.json`) 
 the source model and the converted one in memory together. Safetensors are read without torch;
 `.bin` files need torch and are loaded with `weights_only=True`, memory-mapped when they are zip
 archives (a legacy, pre-1.6 `torch.save` file is read whole); once a tensor has been copied out,
-`release` hands its pages of the map back, so the file read does not pile up in the process's RSS. A file that cannot be read (truncated,
-empty, not a checkpoint, or a pickle holding objects rather than tensors) is a `ValueError` naming it.
+`release` hands its pages of the map back, so the file read does not pile up in the process's RSS.
+A file that cannot be read (truncated, empty, not a checkpoint, or a pickle holding objects rather
+than tensors) is a `ValueError` naming it.
 """
 
 from __future__ import annotations
@@ -114,8 +115,7 @@ def release(tensor) -> None:
     start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (address + size) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def free_large_blocks_at_once() -> None:

@@ -46,9 +46,8 @@ def main(argv: list[str]) -> int:
         return 2
     tpu = None
     if FLAGS.topology:
-        from blip_jax.hardware import quiet_libtpu, tpu_slice
+        from blip_jax.hardware import tpu_slice
 
-        quiet_libtpu(FLAGS.topology)
         tpu = tpu_slice(FLAGS.topology)
     processes.initialize(FLAGS)
     validate.train(FLAGS.config, len(tpu.devices) if tpu else jax.device_count(), jax.process_count(),
