@@ -87,3 +87,45 @@ def tpu_slice(name: str) -> Slice:
         raise ValueError(f"--topology {name!r}: libtpu refuses it: {str(e).strip().splitlines()[0][:300]}") from None
     chips = math.prod(int(n) for n in match.group(2).split("x"))
     return Slice(name, CHIPS[match.group(1)], chips, list(devices))
+
+
+# jax's device_kind -> CHIPS key (TPU v5e and v6e call themselves "lite")
+_KINDS = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v6 lite", "v6e"), ("v6e", "v6e"), ("v5p", "v5p"), ("v5", "v5p"),
+          ("v4", "v4"), ("a100", "a100"), ("h100", "h100"), ("h200", "h200"))
+
+
+def peak_flops(device) -> tuple[float, str]:
+    """(peak FLOP/s, what it is) of one jax device: its chip's bf16 figure (per device where a chip
+    shows as several), or on a CPU host the measured fp32 matmul rate of all its cores (the
+    devices of a host share them: divide by the host's device count)."""
+    kind = device.device_kind.lower()
+    if device.platform == "cpu":
+        return measured_cpu_peak(), "measured fp32 matmul peak of this CPU"
+    for needle, key in _KINDS:
+        if needle in kind:
+            return CHIPS[key].peak_bf16_flops, f"{CHIPS[key].name} dense bf16"
+    raise KeyError(f"no peak FLOP/s known for device kind {device.device_kind!r}")
+
+
+_CPU_PEAK: list[float] = []
+
+
+def measured_cpu_peak(size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of this host's best fp32 square matmul (measured once per process, about a second)."""
+    if not _CPU_PEAK:
+        import time
+
+        import jax
+        import jax.numpy as jnp
+
+        cpu = jax.devices("cpu")[0]
+        a = jax.device_put(jnp.ones((size, size), jnp.float32), cpu)
+        matmul = jax.jit(lambda x: x @ x)
+        matmul(a).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            matmul(a).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        _CPU_PEAK.append(2.0 * size**3 / best)
+    return _CPU_PEAK[0]

@@ -62,9 +62,13 @@ class ModelBase:
             self.use_mesh(mesh)
 
     @classmethod
-    def from_dir(cls, path: str | Path, **kwargs):
-        """The model in a blip-jax model directory (config, weights, tokenizers, image processor)."""
+    def from_dir(cls, path: str | Path, *, dtype: str | None = None, **kwargs):
+        """The model in a blip-jax model directory (config, weights, tokenizers, image processor);
+        `dtype` ("bfloat16") computes every tower in it, the weights kept as stored and cast at use."""
         config, params = checkpoint.load(path)
+        if dtype is not None:
+            towers = ("dtype", "qformer_dtype") if hasattr(config, "qformer_dtype") else ("dtype",)
+            config = config.replace(**dict.fromkeys(towers, dtype))
         path = Path(path)
         size = config.vision.image_size
         processor = ImageProcessor.from_dir(path, image_size=size)

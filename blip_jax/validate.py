@@ -167,9 +167,13 @@ def train(cfg, device_count: int, process_count: int = 1, *, paths: bool = True)
     if cfg.data.instruction_family:
         _choice(cfg, "data.instruction_family", FAMILIES)
     m = cfg.model
+    if "precision" in m:
+        from blip_jax.train.defaults import PRECISIONS
+
+        _choice(cfg, "model.precision", tuple(PRECISIONS))
     for field in ("dtype", "frozen_dtype", "qformer_dtype"):
         if field in m:
-            _choice(cfg, f"model.{field}", ("float32", "bfloat16", "float16"))
+            _choice(cfg, f"model.{field}", ("", "float32", "bfloat16", "float16"))
     if paths and m.init_from and "://" not in str(m.init_from):
         from blip_jax import checkpoint
 

@@ -19,7 +19,7 @@ def get_config(arg: str = "tiny"):
         c.batch_size = 1520
         c.total_steps = 80_000
         c.optim.update(lr=1e-4, min_lr=5e-5, warmup_steps=2000, decay_steps=80_000)
-        c.model.update(frozen_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat_policy="full")
+        c.model.update(precision="bf16", scan_layers=True, remat_policy="full")
         c.mesh = dict(data=1, fsdp=-1, tensor=1)
         return c
     raise ValueError(f"unknown preset {arg!r}: tiny, vitg_flant5xl, vitg_flant5xxl")

@@ -20,6 +20,7 @@ def get_config(arg: str = "tiny"):
         c.optim.update(schedule="step", warmup_lr=1e-6, steps_per_epoch=epoch, decay_steps=c.total_steps)
         c.loss.alpha_ramp_steps = 2 * epoch
         c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        c.model.precision = "bf16"
         c.loss.itm_negatives = "device"  # BLIP pre-training mines ITM negatives on each GPU's batch
         return c
     raise ValueError(f"unknown preset {arg!r}: tiny, base")

@@ -21,7 +21,7 @@ def get_config(arg: str = "tiny"):
         c.batch_size = 128 if arg == "vitg_vicuna7b" else 64
         c.total_steps = 60_000
         c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, decay_steps=60_000)
-        c.model.update(frozen_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat_policy="full")
+        c.model.update(precision="bf16", scan_layers=True, remat_policy="full")
         c.data.update(max_text_len=256, max_prompt_len=128)  # LAVIS: max_txt_len 128 (instruction)
         c.mesh = dict(data=1, fsdp=-1, tensor=1)
         return c

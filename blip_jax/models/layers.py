@@ -53,16 +53,18 @@ class Dense(nn.Module):
             "kernel", logical(self.kernel_init, self.kernel_axes), in_shape + features, self.param_dtype
         )
         contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        # products accumulate (and the bias adds) in fp32 whatever the compute dtype: bf16 sums drift
         y = jax.lax.dot_general(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
             ((contract, tuple(range(self.in_dims))), ((), ())),
+            preferred_element_type=jnp.float32,
         )
         if self.use_bias:
             bias_axes = self.kernel_axes[self.in_dims :]
             bias = self.param("bias", logical(nn.initializers.zeros, bias_axes), features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
@@ -101,8 +103,16 @@ def rms_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = No
     return RMSNorm(eps, dtype, param_dtype, name=name)
 
 
-def embed(num: int, features: int, axes: Axes, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Embed:
-    return nn.Embed(
+class Embed(nn.Embed):
+    """nn.Embed whose `attend` (tied output logits) accumulates in fp32 and returns fp32 logits."""
+
+    def attend(self, query):
+        table = self.embedding.astype(self.dtype)
+        return jnp.einsum("...d,vd->...v", query.astype(self.dtype), table, preferred_element_type=jnp.float32)
+
+
+def embed(num: int, features: int, axes: Axes, dtype: Dtype, param_dtype: Dtype, name: str) -> Embed:
+    return Embed(
         num_embeddings=num,
         features=features,
         dtype=dtype,
@@ -155,7 +165,7 @@ def attend(q, k, v, mask=None, dtype: Dtype = jnp.float32, *, bias=None, scale: 
     if mask is not None:
         scores = jnp.where(_group_queries(mask, batch, k.shape[0], length), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bhts,bhsd->bhtd", probs, v.astype(dtype))
+    out = jnp.einsum("bhts,bhsd->bhtd", probs, v.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     return heads_first(out).reshape(batch, length, heads, head_dim)
 
 

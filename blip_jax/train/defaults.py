@@ -33,6 +33,23 @@ PAPER_LLMS = {
 }
 
 
+# `model.precision`: the dtypes it stands for. Trainable weights and optimizer state stay fp32
+# (master weights) either way; every matmul accumulates in fp32 (`layers.Dense`), and softmax,
+# norms, losses and ITC features run in fp32.
+PRECISIONS = {
+    "fp32": dict(dtype="float32", frozen_dtype="float32", qformer_dtype="float32"),
+    # bf16 compute everywhere, frozen ViT and LLM stored in bf16 (LAVIS's fp16 ViT, without fp16's overflow)
+    "bf16": dict(dtype="bfloat16", frozen_dtype="bfloat16", qformer_dtype="bfloat16"),
+}
+
+
+def dtypes(model) -> dict[str, str]:
+    """The compute dtype (`dtype`: the towers'; `qformer_dtype`: the Q-Former's) and the frozen
+    towers' storage dtype (`frozen_dtype`) of a `model` config section: its precision's, unless set."""
+    chosen = PRECISIONS[model.get("precision", "fp32")]
+    return {field: model.get(field) or default for field, default in chosen.items()}
+
+
 def source_defaults() -> dict:
     """One source's settings (`blip_jax.data.sources`); also each entry of `data.mixture`."""
     return dict(kind="synthetic", path="", image_root="", layout="auto", split="train", annotations="",
@@ -96,7 +113,8 @@ def base() -> ml_collections.ConfigDict:
         init_from="",  # a converted blip-jax model directory; empty: random initialisation from the fields
         architecture="generation", instruct=False, llm_family="opt", num_query_tokens=32, embed_dim=256,
         qformer_vocab_size=30523, qformer_max_positions=512,
-        dtype="float32", frozen_dtype="float32", qformer_dtype="float32", scan_layers=False, remat_policy="none",
+        precision="fp32",  # a key of PRECISIONS; a dtype field below set to a dtype wins over it
+        dtype="", frozen_dtype="", qformer_dtype="", scan_layers=False, remat_policy="none",
         vision=dict(hidden_size=1408, intermediate_size=6144, num_layers=39, num_heads=16, image_size=224,
                     patch_size=14, layer_norm_eps=1e-6, final_norm=False),
         qformer=dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, encoder_hidden_size=1408,
@@ -141,6 +159,7 @@ def blip_finetune(c: ml_collections.ConfigDict, epochs: int, records: int) -> ml
     c.total_steps = epochs * epoch
     c.optim.update(warmup_steps=0, decay_steps=c.total_steps, min_lr=0.0)
     c.loss.alpha_ramp_steps = epoch
+    c.model.precision = "bf16"
     return c
 
 

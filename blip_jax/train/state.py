@@ -24,7 +24,7 @@ from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 from blip_jax.models.llm import FAMILIES
 from blip_jax.models.qformer import QFormerConfig
 from blip_jax.models import tying
-from blip_jax.train import partition, sharding
+from blip_jax.train import defaults, partition, sharding
 from blip_jax.train.objectives import Stage, stage_of
 
 
@@ -37,8 +37,9 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
     stage = stage_of(cfg)
     if stage.model == "blip":
         return blip_model_config(cfg, stage, vocab)
-    run = dict(dtype=m.dtype, param_dtype="float32", frozen_param_dtype=m.frozen_dtype, qformer_dtype=m.qformer_dtype,
-               scan_layers=m.scan_layers, remat_policy=m.remat_policy, **stage.model_fields)
+    d = defaults.dtypes(m)
+    run = dict(dtype=d["dtype"], param_dtype="float32", frozen_param_dtype=d["frozen_dtype"],
+               qformer_dtype=d["qformer_dtype"], scan_layers=m.scan_layers, remat_policy=m.remat_policy, **stage.model_fields)
     if m.init_from:
         base = checkpoint.read_config(m.init_from)
         if not isinstance(base, Blip2Config):
@@ -70,7 +71,7 @@ def blip_model_config(cfg, stage: Stage, vocab: dict | None = None) -> BlipConfi
     resolution (`model.vision.image_size`: positions are resized on load)."""
     m = cfg.model
     architecture = stage.architecture
-    run = dict(dtype=m.dtype, param_dtype="float32", scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    run = dict(dtype=defaults.dtypes(m)["dtype"], param_dtype="float32", scan_layers=m.scan_layers, remat_policy=m.remat_policy)
     if m.init_from:
         base = checkpoint.read_config(m.init_from)
         if not isinstance(base, BlipConfig):

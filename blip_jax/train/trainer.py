@@ -26,8 +26,8 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from blip_jax import atomic, checkpoint, paths
-from blip_jax.train import inputs, optim, partition, sharding
+from blip_jax import atomic, checkpoint, hardware, paths
+from blip_jax.train import flops, inputs, optim, partition, sharding
 from blip_jax.train import state as state_lib
 from blip_jax.train.export import export_model
 from blip_jax.train.objectives import stage_of
@@ -38,22 +38,35 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite."""
 
 
+def loss_function(model, cfg):
+    """loss_of(trainable, frozen, batch, rng, extra) -> (loss, (metrics, extra)): what the step differentiates."""
+    objective = functools.partial(stage_of(cfg).loss, model, cfg=cfg.loss)
+
+    def loss_of(trainable, frozen, micro, rng, extra):
+        loss, metrics, extra = objective(partition.merge(trainable, frozen), micro, rng, extra=extra)
+        return loss, (metrics, extra)
+
+    return loss_of
+
+
+def model_flops(model, cfg, mesh, train: dict, frozen: dict, batch: dict) -> float:
+    """Model FLOPs of one train step of the global `batch` (`blip_jax.train.flops`: frozen-aware)."""
+    with mesh, nn.logical_axis_rules(sharding.rules_from_config(cfg.rules)):
+        return flops.loss_flops(loss_function(model, cfg), train["params"], frozen, batch, train["rng"],
+                                train["extra"])
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, train_shardings, frozen_shardings):
     """jit(train_step(train, frozen, batch) -> (train, metrics)) with these shardings, the train state
     donated."""
     stage = stage_of(cfg)
-    objective = functools.partial(stage.loss, model, cfg=cfg.loss)
     accum = int(cfg.grad_accum_steps)
 
     if accum > 1 and not stage.accumulates:
         raise ValueError(f"{stage.name} keeps state (momentum encoders, queues) that advances every step: "
                          "grad_accum_steps must be 1")
 
-    def loss_of(trainable, frozen, micro, rng, extra):
-        loss, metrics, extra = objective(partition.merge(trainable, frozen), micro, rng, extra=extra)
-        return loss, (metrics, extra)
-
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_function(model, cfg), has_aux=True)
 
     rules = sharding.rules_from_config(cfg.rules)
 
@@ -280,20 +293,31 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     last = {}
     bar = None
     reported_skips: dict[str, int] = {}
-    first = task.global_batch(next(data), mesh) if start < total else None
+    host_batch = next(data) if start < total else None
+    first = task.global_batch(host_batch, mesh) if host_batch is not None else None
     if first is not None:  # compiled ahead of the loop, so its time is reported apart from the steps'
         _say(f"compiling the {task.stage.name} train step ...")
         t0 = time.time()
         step_fn = step_fn.lower(st.train, st.frozen, first).compile()
         compile_seconds = time.time() - t0
-        _say(f"compiled in {compile_seconds:.1f} s")
+        step_flops = model_flops(st.model, cfg, mesh, st.train, st.frozen, first)
+        peak, peak_name = hardware.peak_flops(jax.devices()[0])
+        if jax.devices()[0].platform == "cpu":  # a host's fake devices share its cores
+            peak /= jax.local_device_count()
+        _say(f"compiled in {compile_seconds:.1f} s; {step_flops / 1e9:.3g} GFLOP a step (model FLOPs), "
+             f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_name})")
     resumed = f" (resumed from step {start})" if latest is not None else ""
     bar = tqdm(total=total, initial=start, unit="step", desc=f"train {task.stage.name}{resumed}",
                disable=not progress or jax.process_index() != 0)
     t0, logged_at = time.time(), start
     try:
+        images = tokens = 0
         for step in range(start, total):
-            batch = first if step == start else task.global_batch(next(data), mesh)
+            if step != start:
+                host_batch = next(data)
+            batch = first if step == start else task.global_batch(host_batch, mesh)
+            counts = flops.batch_counts(host_batch)  # this process's rows
+            images, tokens = images + counts[0], tokens + counts[1]
             st.train, metrics = step_fn(st.train, st.frozen, batch)
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
@@ -301,6 +325,10 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 dt = max(time.time() - t0, 1e-9)
                 values["steps_per_sec"] = (done - logged_at) / dt
                 values["examples_per_sec"] = values["steps_per_sec"] * batch_size
+                n = done - logged_at  # per-step means of what this process fed, times the processes
+                values.update(flops.throughput(step_flops, values["steps_per_sec"], jax.device_count(), peak,
+                                               images / n * jax.process_count(), tokens / n * jax.process_count()))
+                images = tokens = 0
                 t0, logged_at = time.time(), done
                 skipped = _data_report(task, data, workdir, done)
                 values["skipped_records"] = float(sum(skipped.values()))
