@@ -129,3 +129,16 @@ def measured_cpu_peak(size: int = 1024, repeats: int = 8) -> float:
             best = min(best, time.perf_counter() - t0)
         _CPU_PEAK.append(2.0 * size**3 / best)
     return _CPU_PEAK[0]
+
+
+def host_rss_bytes() -> int:
+    """This process's resident host memory now (Linux /proc; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

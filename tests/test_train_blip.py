@@ -201,7 +201,9 @@ def _model_params(workdir: Path) -> dict:
 
 
 def _strip(rows):
-    return [{k: v for k, v in r.items() if k not in ("steps_per_sec", "examples_per_sec")} for r in rows]
+    from blip_jax.train.trainer import MACHINE_METRICS
+
+    return [{k: v for k, v in r.items() if k not in MACHINE_METRICS} for r in rows]
 
 
 def test_eight_devices_equal_one(tmp_path):

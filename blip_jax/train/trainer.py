@@ -329,6 +329,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
                 values.update(flops.throughput(step_flops, values["steps_per_sec"], jax.device_count(), peak,
                                                images / n * jax.process_count(), tokens / n * jax.process_count()))
                 images = tokens = 0
+                values["host_rss_mib"] = hardware.host_rss_bytes() / (1 << 20)  # creeping host memory shows here
                 t0, logged_at = time.time(), done
                 skipped = _data_report(task, data, workdir, done)
                 values["skipped_records"] = float(sum(skipped.values()))
@@ -361,6 +362,12 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         if bar is not None:
             bar.close()
     return last
+
+
+# metrics.jsonl fields that measure the machine (speed, memory), not the model: they differ between
+# two runs of the same job
+MACHINE_METRICS = ("steps_per_sec", "examples_per_sec", "tflops_per_sec_per_device", "mfu",
+                   "images_per_sec_per_device", "tokens_per_sec_per_device", "host_rss_mib")
 
 
 # Fields a resumed run may change: how long it runs and how it logs, not what it computes.
