@@ -235,14 +235,17 @@ def _generate_impl(step_fn, config, params, cache, prompt_ids, prompt_mask, key)
         logits, cache = step_fn(*args)
         return logits[:, -1].astype(f32), cache
 
-    if expand > 1:  # HF's _expand_inputs_for_generation
+    # the prompt is prefilled once per example; then its rows are copied for the beams or samples
+    # (HF's _expand_inputs_for_generation copies before the prefill: the same rows, k times the work)
+    logits, cache = call(cache, prompt_ids, jnp.concatenate([prompt_mask, jnp.zeros((b, n_new), jnp.int32)], 1),
+                         jnp.int32(0))
+    if expand > 1:
         rep = functools.partial(jnp.repeat, repeats=expand, axis=0)
-        cache, prompt_ids, prompt_mask = jax.tree.map(rep, (cache, prompt_ids, prompt_mask))
+        cache, prompt_ids, prompt_mask, logits = jax.tree.map(rep, (cache, prompt_ids, prompt_mask, logits))
     rows = b * expand
     mask = jnp.concatenate([prompt_mask, jnp.zeros((rows, n_new), jnp.int32)], 1)
     seqs = jnp.concatenate([prompt_ids, jnp.full((rows, n_new), pad, jnp.int32)], 1)
     pad_len = jnp.argmax(prompt_mask != 0, axis=1)  # leading padding, ignored by repetition penalty
-    logits, cache = call(cache, prompt_ids, mask, jnp.int32(0))  # prefill
     cur = jnp.int32(t)  # absolute position of the next token to choose
 
     def last_tokens(flat_seqs, cur):
