@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tqdm import tqdm
 
+from blip_jax import paths
 from blip_jax.models.config import BlipConfig
 
 CONFIG = "config.json"
@@ -93,13 +94,13 @@ def restore_params(directory: str | Path, target=None):
         return _restore(root, target)
     flat_target = None if target is None else traverse_util.flatten_dict(target, sep="/")
     flat = {}
-    for i, paths in enumerate(json.loads((root / PARTS).read_text())["parts"]):
+    for i, names in enumerate(json.loads((root / PARTS).read_text())["parts"]):
         sub = None
         if flat_target is not None:
-            missing = [p for p in paths if p not in flat_target]
+            missing = [p for p in names if p not in flat_target]
             if missing:
                 raise ValueError(f"{root}: stored parameters the model does not have: {missing[:5]}")
-            sub = traverse_util.unflatten_dict({p: flat_target[p] for p in paths}, sep="/")
+            sub = traverse_util.unflatten_dict({p: flat_target[p] for p in names}, sep="/")
         flat.update(traverse_util.flatten_dict(_restore(root / f"part_{i:05d}", sub), sep="/"))
     if flat_target is not None and set(flat) != set(flat_target):
         raise ValueError(f"{root}: parameters missing from the checkpoint: {sorted(set(flat_target) - set(flat))[:5]}")
@@ -145,7 +146,16 @@ def write_config(directory: Path, config) -> None:
 
 def model_dir(path: str | Path) -> Path:
     """The model directory `path` names: itself, or a training workdir's exported W/model. A
-    workdir whose run has not exported yet is refused with what to do."""
+    workdir whose run has not exported yet is refused with what to do. In a bucket (gs://, s3://):
+    a local copy of it (`paths.local_copy`), which the model loads from."""
+    if paths.is_remote(path):
+        remote = paths.path(path)
+        own = remote / CONFIG
+        trained = own.exists() and "objective" in json.loads(own.read_text())
+        if trained and not (remote / TRAINED_MODEL / CONFIG).exists():
+            raise FileNotFoundError(f"{path} is a training workdir with no {TRAINED_MODEL}/ yet (the run has not "
+                                    "finished): rerun its `blip-jax train` command to finish and export it")
+        return paths.local_copy(str(remote / TRAINED_MODEL) if trained else str(path))
     path = Path(path)
     own = path / CONFIG
     if own.is_file() and "objective" not in json.loads(own.read_text()):  # a training workdir's config has one

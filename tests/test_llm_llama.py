@@ -151,7 +151,7 @@ def _embeds_step(config):
             embeds = jnp.repeat(params["embeds"], ids.shape[0] // params["embeds"].shape[0], axis=0)
             ids = None
         logits, aux = model.apply({"params": params["model"]}, ids, mask, inputs_embeds=embeds, cache=cache,
-                                  cache_index=index, last_only=True)
+                                  cache_index=index, logits_at=slice(-1, None))
         return logits, aux["cache"]
 
     return step

@@ -125,3 +125,81 @@ def test_a_conversion_writes_its_model_into_the_bucket(gcs, tmp_path):
     data = lambda files: {f for f in files if "/d/" in f}  # noqa: E731
     assert not data(now) & data(names)
     assert now - data(now) == names - data(names)
+
+
+def _eval(ckpt: str, workdir: str, data: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "blip_jax.cli", "eval", "--config=configs/eval/caption.py:coco", f"--ckpt={ckpt}",
+           f"--workdir={workdir}", "--config.data.kind=json", f"--config.data.path={data / 'captions.json'}",
+           f"--config.data.image_root={data / 'images'}", "--config.batch_size=2", "--config.shard_size=2",
+           "--progress=false"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BLIP_JAX_CACHE": str(data / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_an_eval_job_reads_its_model_from_the_bucket_writes_there_and_resumes_its_shards(gcs, tmp_path):
+    """The model (a conversion written into the bucket) and the workdir both in the bucket: a rerun
+    after a lost shard recomputes that shard only and gives the same results; `blip_jax.load` of
+    the bucket's model answers as the local one."""
+    import fsspec
+    from PIL import Image
+
+    import blip_jax
+    from blip_jax.convert import convert_lavis
+    from blip_jax.data.synthetic import SyntheticShapes
+
+    lavis = ROOT / "tests" / "fixtures" / "lavis"
+    local_model = tmp_path / "model"
+    kw = dict(tokenizer=lavis / "bert_tokenizer", heads={"vision": 4, "text": 3}, progress=False)
+    convert_lavis(lavis / "blip_caption" / "model.pth", local_model, "blip_caption/base_coco", **kw)
+    ckpt = f"gs://{BUCKET}/models/eval_caption"
+    convert_lavis(lavis / "blip_caption" / "model.pth", ckpt, "blip_caption/base_coco", **kw)
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    source = SyntheticShapes(6, seed=3, image_size=40)
+    records = [source[i] for i in range(6)]
+    for i, r in enumerate(records):
+        Image.fromarray(r["image"]).save(data / "images" / f"{i}.png")
+    (data / "captions.json").write_text(json.dumps([{"image": f"{i}.png", "image_id": i, "caption": [r["caption"]]}
+                                                    for i, r in enumerate(records)]))
+    workdir = f"gs://{BUCKET}/eval/caption"
+    first = json.loads(_eval(ckpt, workdir, data).stdout)
+    bucket = fsspec.filesystem("gs")
+    bucket.invalidate_cache()
+    shards = {f: bucket.info(f)["generation"] for f in bucket.find(f"{workdir}/shards")}
+    assert len(shards) == 3 and bucket.exists(f"{workdir}/results.json")
+    lost = sorted(shards)[1]
+    bucket.rm(lost)
+    bucket.rm(f"{workdir}/results.json")
+    again = json.loads(_eval(ckpt, workdir, data).stdout)
+    bucket.invalidate_cache()
+    now = {f: bucket.info(f)["generation"] for f in bucket.find(f"{workdir}/shards")}
+    assert set(now) == set(shards) and now[lost] != shards[lost]
+    assert all(now[f] == g for f, g in shards.items() if f != lost)  # the others were not recomputed
+    assert again["metrics"] == first["metrics"]
+    assert any(bucket.find(f"{workdir}/tensorboard"))
+
+    images = [Image.fromarray(r["image"]) for r in records[:2]]
+    os.environ["BLIP_JAX_CACHE"] = str(tmp_path / "cache")
+    remote, local = blip_jax.load(ckpt), blip_jax.load(local_model)
+    assert remote.caption(images, max_new_tokens=4) == local.caption(images, max_new_tokens=4)
+    assert remote.path != local.path and blip_jax.load(ckpt).path == remote.path  # one cached copy
+
+
+def test_a_missing_bucket_and_missing_credentials_fail_in_one_line(gcs, tmp_path):
+    """Within seconds, without a traceback, before anything is written."""
+    started = time.time()
+    cmd = [sys.executable, "-m", "blip_jax.cli", "train", "--workdir=gs://no-such-bucket/run", *TRAIN]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "gs://no-such-bucket/run: the bucket 'no-such-bucket' does not exist" in done.stderr
+    # no emulator, no key file, no gcloud login under HOME
+    no_credentials = {k: v for k, v in os.environ.items() if k not in gcs and k != "GOOGLE_APPLICATION_CREDENTIALS"}
+    no_credentials["HOME"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "blip_jax.cli", "train", f"--workdir=gs://{BUCKET}/creds", *TRAIN]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=no_credentials)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"gs://{BUCKET}/creds: no Google Cloud credentials found" in done.stderr
+    assert time.time() - started < 60

@@ -14,6 +14,8 @@ rerun with others is refused). Outputs: `W/results.json` (metrics, settings and 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from blip_jax import paths
 from blip_jax.atomic import write_file, write_json
 from blip_jax.jobs import JOB_FILE
 
@@ -40,7 +43,7 @@ def run_sharded(workdir: str | Path, stage: str, n: int, compute: Callable[[int,
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    folder = Path(workdir) / "shards" / stage
+    folder = paths.path(workdir) / "shards" / stage
     starts = list(range(0, n, shard_size))
     mine = [i for i in range(len(starts)) if i % jax.process_count() == jax.process_index()]
     done = {p.stem for p in folder.glob("*.*") if not p.name.startswith(".")} if folder.exists() else set()
@@ -65,7 +68,7 @@ def _read_shards(folder: Path, count: int):
     for i in range(count):
         npz, jsonl = folder / f"{i:05d}.npz", folder / f"{i:05d}.jsonl"
         if npz.exists():
-            with np.load(npz) as data:
+            with npz.open("rb") as f, np.load(f) as data:
                 parts.append({k: data[k] for k in data.files})
         elif jsonl.exists():
             parts.append([json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()])
@@ -78,15 +81,15 @@ def _read_shards(folder: Path, count: int):
 
 def has_outputs(workdir: str | Path) -> bool:
     """Whether `workdir` holds an evaluation's shards or results (blip_jax.jobs guards them)."""
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     shards = workdir / "shards"
-    return (workdir / "results.json").exists() or (shards.is_dir() and any(shards.rglob("[0-9]*.*")))
+    return (workdir / "results.json").exists() or (shards.is_dir() and any(shards.glob("*/[0-9]*.*")))
 
 
 def write_outputs(workdir: str | Path, task: str, metrics: dict, settings: dict, predictions: list[dict],
                   gallery: list[dict] | None = None, seconds: float | None = None) -> dict:
     """results.json, predictions.jsonl, gallery.html and TensorBoard scalars (process 0 only)."""
-    job = Path(workdir) / JOB_FILE  # the models that produced these results (blip_jax.jobs)
+    job = paths.path(workdir) / JOB_FILE  # the models that produced these results (blip_jax.jobs)
     models = json.loads(job.read_text(encoding="utf-8")).get("models") if job.is_file() else None
     results = {"task": task, "metrics": metrics, "settings": settings, "models": models,
                "num_predictions": len(predictions),
@@ -94,7 +97,7 @@ def write_outputs(workdir: str | Path, task: str, metrics: dict, settings: dict,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if jax.process_index() != 0:
         return results
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     write_json(workdir / "results.json", results)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     write_file(workdir / "predictions.jsonl", lines)
@@ -104,9 +107,13 @@ def write_outputs(workdir: str | Path, task: str, metrics: dict, settings: dict,
         write_gallery(workdir / "gallery.html", gallery, f"blip-jax eval: {task}")
     from tensorboardX import SummaryWriter
 
-    with SummaryWriter(str(workdir / "tensorboard")) as tb:
+    local = tempfile.mkdtemp(prefix="blip_jax_tb.") if paths.is_remote(workdir) else str(workdir / "tensorboard")
+    with SummaryWriter(local) as tb:
         for name, value in _scalars(metrics):
             tb.add_scalar(f"eval/{task}/{name}", value, 0)
+    if paths.is_remote(workdir):  # a bucket has no append: the events are written here, then uploaded
+        paths.upload_tree(local, workdir / "tensorboard")
+        shutil.rmtree(local, ignore_errors=True)
     return results
 
 

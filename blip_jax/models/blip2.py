@@ -176,15 +176,17 @@ class Blip2(nn.Module):
         return self.language_projection(hidden).astype(DTYPES[self.config.dtype])
 
     def language_model_logits(self, prefix, input_ids, attention_mask, decoder_input_ids=None,
-                              decoder_attention_mask=None, deterministic: bool = True):
+                              decoder_attention_mask=None, deterministic: bool = True, logits_at: slice | None = None):
         """LLM logits (float32) with the soft prompt before `input_ids` ([B, Q + T, V] for decoder
-        LLMs, [B, T_dec, V] for encoder-decoder ones); `attention_mask` [B, T] covers the text only."""
+        LLMs, [B, T_dec, V] for encoder-decoder ones; only the positions `logits_at` when given);
+        `attention_mask` [B, T] covers the text only."""
         full_mask = jnp.concatenate([jnp.ones(prefix.shape[:2], jnp.int32), jnp.asarray(attention_mask, jnp.int32)], 1)
         if self.config.family.encoder_decoder:
             logits, _ = self.language_model(input_ids, full_mask, decoder_input_ids, decoder_attention_mask,
-                                            inputs_embeds=prefix, deterministic=deterministic)
+                                            inputs_embeds=prefix, deterministic=deterministic, logits_at=logits_at)
         else:
-            logits, _ = self.language_model(input_ids, full_mask, inputs_embeds=prefix, deterministic=deterministic)
+            logits, _ = self.language_model(input_ids, full_mask, inputs_embeds=prefix, deterministic=deterministic,
+                                            logits_at=logits_at)
         return logits
 
     def itm_logits(self, image_embeds, input_ids, attention_mask, deterministic: bool = True):

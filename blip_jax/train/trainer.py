@@ -263,6 +263,9 @@ def _say(message: str) -> None:
 def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) the training job `cfg` in `workdir` (a directory, or a gs:// / s3:// URL);
     returns the last logged metrics."""
+    if str(workdir).startswith("s3://"):  # Orbax's checkpoint format (OCDBT on TensorStore) writes local and gs://
+        raise ValueError(f"{workdir}: a training workdir cannot be on s3:// (Orbax checkpoints support local "
+                         "paths and gs://); models, eval workdirs and conversions can")
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _claim(workdir, cfg)

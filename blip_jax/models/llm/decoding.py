@@ -30,7 +30,7 @@ def causal_decode_step(module_cls, config, scan_layers: bool = False, dtype=jnp.
 
     def step(params, cache, token_ids, attention_mask, cache_index):
         logits, aux = model.apply({"params": params}, token_ids, attention_mask, cache=cache,
-                                  cache_index=cache_index, last_only=True)
+                                  cache_index=cache_index, logits_at=slice(-1, None))
         return logits, aux["cache"]
 
     return step

@@ -226,15 +226,15 @@ def hf_positions(attention_mask):
 
 class Llama(nn.Module):
     """LlamaForCausalLM. `__call__(input_ids, attention_mask, *, inputs_embeds, positions, cache,
-    cache_index, deterministic, last_only) -> (logits float32 [B, T, V], aux)`.
+    cache_index, deterministic, logits_at) -> (logits float32 [B, T, V], aux)`.
 
     Inputs: `input_ids` [B, T] and/or `inputs_embeds` [B, T', hidden_size]; with both, the
     embeddings come first (InstructBLIP's soft prompt followed by the text). `attention_mask`
     [B, T_total] (0/1, left padding), or [B, max_len] over every cache position when decoding with a
     cache (the inputs then sit at `cache_index`). `positions` of the inputs ([B, T_total] or
     broadcastable) default to HF generate's, derived from the mask. LLaMA has no dropout, so
-    `deterministic` changes nothing. `last_only` computes the logits of the last position only
-    ([B, 1, V]), what generation needs. aux["cache"] holds the updated cache.
+    `deterministic` changes nothing. `logits_at` (a slice of positions) computes only those
+    logits: the last one for generation, the text positions for the LM loss. aux["cache"] holds the updated cache.
     """
 
     config: LlamaConfig
@@ -245,7 +245,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None,
-                 cache_index=None, deterministic: bool = True, last_only: bool = False):
+                 cache_index=None, deterministic: bool = True, logits_at: slice | None = None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="embed_tokens", **kw)
@@ -279,8 +279,8 @@ class Llama(nn.Module):
             name="decoder",
         )(x, mask, cos, sin, cache_index, cache=None if cache is None else cache["layers"])
 
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x[:, logits_at]
         x = layers.rms_norm(cfg.rms_norm_eps, name="norm", **kw)(x)
         if cfg.tie_word_embeddings:
             logits = embed_tokens.attend(x)

@@ -188,14 +188,14 @@ def hf_positions(attention_mask):
 
 class OPT(nn.Module):
     """OPTForCausalLM. `__call__(input_ids, attention_mask, *, inputs_embeds, positions, cache,
-    cache_index, deterministic, last_only) -> (logits float32 [B, T, V], aux)`.
+    cache_index, deterministic, logits_at) -> (logits float32 [B, T, V], aux)`.
 
     Inputs: `input_ids` [B, T] and/or `inputs_embeds` [B, T', embed_dim] (the width of the word
     embeddings, before `project_in`); with both, the embeddings come first (BLIP-2's soft prompt
     followed by the text). `attention_mask` [B, T_total] (0/1, left padding), or [B, max_len] over
     every cache position when decoding with a cache (the inputs then sit at `cache_index`).
-    `positions` default to HF's, derived from the mask. `last_only` computes the logits of the last
-    position only ([B, 1, V]), what generation needs. aux["cache"] holds the updated cache.
+    `positions` default to HF's, derived from the mask. `logits_at` (a slice of positions)
+    computes only those logits: the last one for generation, the text positions for the LM loss. aux["cache"] holds the updated cache.
     """
 
     config: OptConfig
@@ -206,7 +206,7 @@ class OPT(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None,
-                 cache_index=None, deterministic: bool = True, last_only: bool = False):
+                 cache_index=None, deterministic: bool = True, logits_at: slice | None = None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed_tokens = layers.embed(cfg.vocab_size, cfg.embed_dim, ("vocab", "embed"), name="embed_tokens", **kw)
@@ -246,8 +246,8 @@ class OPT(nn.Module):
             name="decoder",
         )(x, mask, cache_index, cache=None if cache is None else cache["layers"])
 
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x[:, logits_at]
         if cfg.has_final_layer_norm:
             x = _layer_norm(cfg, name="final_layer_norm", **kw)(x)
         if cfg.embed_dim != cfg.hidden_size:

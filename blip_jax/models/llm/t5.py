@@ -321,10 +321,10 @@ class T5(nn.Module):
             self.lm_head = layers.Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
-                 inputs_embeds=None, deterministic: bool = True):
+                 inputs_embeds=None, deterministic: bool = True, logits_at: slice | None = None):
         states = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, deterministic=deterministic)
         logits, aux = self.decode(decoder_input_ids, decoder_attention_mask, states, attention_mask,
-                                  deterministic=deterministic)
+                                  deterministic=deterministic, logits_at=logits_at)
         return logits, {**aux, "encoder_states": states}  # (out, aux), as the other LLMs
 
     def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, deterministic: bool = True):
@@ -345,8 +345,8 @@ class T5(nn.Module):
         return x
 
     def decode(self, decoder_input_ids, decoder_attention_mask=None, encoder_states=None, encoder_mask=None, *,
-               cache=None, cache_index=None, deterministic: bool = True, last_only: bool = False):
-        """(logits float32 [B, T, V] ([B, 1, V] with `last_only`), aux).
+               cache=None, cache_index=None, deterministic: bool = True, logits_at: slice | None = None):
+        """(logits float32 [B, T, V] (at the positions `logits_at` only, when given), aux).
 
         Without a cache: `decoder_attention_mask` [B, T] (default all ones) and `encoder_states`.
         With one, the inputs sit at `cache_index`, `decoder_attention_mask` covers every cache
@@ -372,8 +372,8 @@ class T5(nn.Module):
             x, layers.causal_mask(decoder_attention_mask, query_positions), query_positions, encoder_states,
             layers.padding_mask(encoder_mask), cache=None if cache is None else cache["layers"],
             cache_index=cache_index, deterministic=deterministic)
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x[:, logits_at]
         if cfg.tie_word_embeddings:
             logits = self.shared.attend(x * cfg.d_model**-0.5)
         else:
@@ -421,7 +421,7 @@ def decode_step(config: T5Config, *, scan_layers: bool = False, dtype=jnp.float3
     def step(params, cache, token_ids, attention_mask, cache_index):
         weights, shared = params
         logits, aux = model.apply({"params": weights}, token_ids, attention_mask, cache=merge_cache(cache, shared),
-                                  cache_index=cache_index, last_only=True, method=T5.decode)
+                                  cache_index=cache_index, logits_at=slice(-1, None), method=T5.decode)
         return logits, split_cache(aux["cache"])[0]
 
     return step

@@ -100,8 +100,9 @@ def language_modeling(model: Blip2, params, batch, rng, cfg, extra):
                              method=Blip2.language_model_logits)
         lm = _masked_ce(logits, targets, weights, cfg.lm_label_smoothing)
     else:
-        logits = model.apply(v, prefix, batch["ids"], batch["mask"], method=Blip2.language_model_logits)
-        logits = logits[:, prefix.shape[1] - 1: -1]  # text token t is predicted at position Q - 1 + t
+        # text token t is predicted at position Q - 1 + t: only those logits are computed
+        logits = model.apply(v, prefix, batch["ids"], batch["mask"], logits_at=slice(prefix.shape[1] - 1, -1),
+                             method=Blip2.language_model_logits)
         lm = _masked_ce(logits, batch["ids"], batch["loss_mask"], cfg.lm_label_smoothing)
     return lm, {"lm": lm}, extra
 
