@@ -7,6 +7,7 @@ over data x fsdp; parameters by the rules below (maxtext's convention), which th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -61,6 +62,16 @@ def make_mesh(axes: dict, devices: Sequence | None = None) -> Mesh:
 def rules_from_config(rules) -> tuple:
     """Config rules (lists from a ConfigDict or JSON) -> the tuple flax expects."""
     return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+    """The context a traced step runs its models in: their activation constraints
+    (`nn.with_logical_constraint`) resolve against `mesh` and the logical `rules`. Flax reads the
+    abstract mesh; under a plain `with mesh:` (deprecated in jax 0.10) every constraint is silently
+    dropped and the partitioner is free to shard activations like the weights."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules_from_config(rules)):
+        yield
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules):

@@ -23,7 +23,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import linen as nn
 from tqdm import tqdm
 
 from blip_jax import atomic, checkpoint, hardware, paths
@@ -51,7 +50,7 @@ def loss_function(model, cfg):
 
 def model_flops(model, cfg, mesh, train: dict, frozen: dict, batch: dict) -> float:
     """Model FLOPs of one train step of the global `batch` (`blip_jax.train.flops`: frozen-aware)."""
-    with mesh, nn.logical_axis_rules(sharding.rules_from_config(cfg.rules)):
+    with sharding.activation_rules(mesh, cfg.rules):
         return flops.loss_flops(loss_function(model, cfg), train["params"], frozen, batch, train["rng"],
                                 train["extra"])
 
@@ -68,11 +67,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, cfg, mesh, t
 
     grad_fn = jax.value_and_grad(loss_function(model, cfg), has_aux=True)
 
-    rules = sharding.rules_from_config(cfg.rules)
-
     def train_step(train, frozen, batch):
-        # the models' activation constraints resolve against this mesh and rules while tracing
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activation_rules(mesh, cfg.rules):
             return _train_step(train, frozen, batch)
 
     def _train_step(train, frozen, batch):
