@@ -62,10 +62,18 @@ class ModelBase:
             self.use_mesh(mesh)
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, dtype: str | None = None, **kwargs):
+    def from_dir(cls, path: str | Path, *, dtype: str | None = None, adapter: str | Path | None = None, **kwargs):
         """The model in a blip-jax model directory (config, weights, tokenizers, image processor);
-        `dtype` ("bfloat16") computes every tower in it, the weights kept as stored and cast at use."""
+        `dtype` ("bfloat16") computes every tower in it, the weights kept as stored and cast at use;
+        `adapter` (a LoRA run's W/adapter, or W) is applied onto these weights and folded in."""
         config, params = checkpoint.load(path)
+        if adapter is not None:
+            from blip_jax.models import lora
+
+            found = Path(adapter) / "adapter" if not lora.is_adapter_dir(adapter) else Path(adapter)
+            if not lora.is_adapter_dir(found):
+                raise FileNotFoundError(f"{adapter}: no {lora.ADAPTER_FILE} here or in its adapter/ (not a LoRA run)")
+            params = lora.apply_adapter(path, params, found)
         if dtype is not None:
             towers = ("dtype", "qformer_dtype") if hasattr(config, "qformer_dtype") else ("dtype",)
             config = config.replace(**dict.fromkeys(towers, dtype))

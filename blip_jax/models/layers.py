@@ -64,6 +64,12 @@ class Dense(nn.Module):
             bias_axes = self.kernel_axes[self.in_dims :]
             bias = self.param("bias", logical(nn.initializers.zeros, bias_axes), features, self.param_dtype)
             y = y + bias.astype(jnp.float32)
+        if self.has_variable("params", "lora_a"):  # a LoRA adapter beside the kernel (blip_jax.models.lora)
+            a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+            xa = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
+                                     ((contract, tuple(range(self.in_dims))), ((), ())),
+                                     preferred_element_type=jnp.float32)
+            y = y + self.get_variable("params", "lora_scale") * jnp.tensordot(xa, b.astype(jnp.float32), axes=1)
         return y.astype(self.dtype)
 
 

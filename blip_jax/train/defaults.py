@@ -98,6 +98,9 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.trainable = list(TRAINABLE)
+    # LoRA adapters (blip_jax.models.lora) on the kernels these regexes match, e.g. the LLM's
+    # r"language_model/.*/(q_proj|v_proj)/kernel$"; they train beside `trainable` (which may be [])
+    c.lora = dict(targets=(), rank=8, alpha=16.0, dropout=0.0)
     c.optim = dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, decay_steps=100, b1=0.9, b2=0.98, eps=1e-8,
                    weight_decay=0.05, clip_norm=0.0,
                    schedule="cosine", warmup_lr=0.0, decay_rate=0.9, steps_per_epoch=0)  # the last three: "step"

@@ -11,15 +11,18 @@ import shutil
 from pathlib import Path
 
 import jax
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from blip_jax import atomic, checkpoint, paths
 from blip_jax.images import ImageProcessor
+from blip_jax.models import lora
 from blip_jax.models.config import BlipConfig
 from blip_jax.text import QFORMER_TOKENIZER
 from blip_jax.train import partition
 
 MODEL_DIR = checkpoint.TRAINED_MODEL
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter alone (blip_jax.models.lora)
 # an LLM's own tokenizer and generation files, carried over from `model.init_from` as they are
 LLM_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
              "vocab.json", "merges.txt", "spiece.model", "tokenizer.model", "generation_config.json")
@@ -55,7 +58,14 @@ def export_model(workdir: str | Path, st, task) -> Path:
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.device_get(params)
     dst = paths.path(workdir) / MODEL_DIR
+    adapter = lora.adapter_of(params)
     if jax.process_index() == 0:
+        if adapter:  # W/adapter: what trained, alone; W/model: the base with it folded in
+            trained = {**traverse_util.flatten_dict(jax.device_get(st.train["params"]), sep="/"),
+                       **traverse_util.flatten_dict(adapter, sep="/")}
+            with atomic.directory(paths.path(workdir) / ADAPTER_DIR, overwrite=True) as tmp:
+                lora.save_adapter(tmp, traverse_util.unflatten_dict(trained, sep="/"), task.cfg, st.config)
+            params = lora.merged(params)
         with atomic.directory(dst, overwrite=True) as tmp:
             checkpoint.write_config(tmp, st.config)
             checkpoint.save_params(tmp, params)

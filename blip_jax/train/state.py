@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from blip_jax import checkpoint, paths
-from blip_jax.models import transfer
+from blip_jax.models import lora, transfer
 from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2, Blip2Config, _init_inputs
 from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
@@ -181,7 +181,9 @@ def abstract(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: di
                                                                             **kwargs))["params"])
         shardings = sharding.logical_shardings(boxed, mesh, rules)
     params = _abstract(nn.unbox(boxed), shardings)
-    trainable, frozen = partition.split(params, cfg.trainable)
+    adapter = _abstract_adapter(cfg, boxed, mesh)
+    params = _unflat({**_flat(params), **_flat(adapter)})
+    trainable, frozen = partition.split(params, trainable_patterns(cfg))
     opt_shapes = jax.eval_shape(optimizer.init, trainable)
     opt_state = _abstract(opt_shapes, opt_state_shardings(opt_shapes, jax.tree.map(lambda x: x.sharding, trainable),
                                                           mesh))
@@ -201,6 +203,31 @@ def abstract(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: di
     return ModelState(model, config, train, frozen, shardings, mesh)
 
 
+def trainable_patterns(cfg) -> list[str]:
+    """The config's `trainable` regexes, and an adapter's A and B when the run has one."""
+    return list(cfg.trainable) + (list(lora.TRAINABLE) if cfg.get("lora") and cfg.lora.targets else [])
+
+
+def _lora_plan(cfg, boxed) -> tuple[lora.LoraConfig, dict]:
+    """(the run's LoRA settings, the adapted kernels: path -> (layer axes, input axes))."""
+    config = lora.LoraConfig.from_config(cfg.get("lora"))
+    if not config.targets:
+        return config, {}
+    config.validate()
+    names = {p: tuple(v.names) for p, v in traverse_util.flatten_dict(boxed, sep="/").items() if p.endswith("/kernel")}
+    return config, lora.targets(names, config)
+
+
+def _abstract_adapter(cfg, boxed, mesh: Mesh) -> dict:
+    """The adapter's leaves as ShapeDtypeStructs, replicated (they are small), or {}."""
+    config, chosen = _lora_plan(cfg, boxed)
+    if not chosen:
+        return {}
+    shapes = {p: v.shape for p, v in _flat(nn.unbox(boxed)).items()}
+    leaves = jax.eval_shape(lambda k: lora.init(k, shapes, chosen, config), jax.random.PRNGKey(0))
+    return _abstract(leaves, jax.tree.map(lambda _: sharding.replicated(mesh), leaves))
+
+
 def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
@@ -215,7 +242,20 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
     init_rng, train_rng = jax.random.split(rng)
     with nn.logical_axis_rules(rules):
         params, _, _ = init_params(st.config, mesh, rules, init_rng, cfg.model.init_from)
-    trainable, frozen = partition.split(params, cfg.trainable)
+    adapter_shapes = {p: v for p, v in _flat(partition.merge(st.train["params"], st.frozen)).items()
+                      if lora.is_adapter_path(p)}
+    if adapter_shapes:  # fresh adapters (B = 0: the run starts from the base model exactly)
+        model, args, kwargs = model_of(st.config)
+        with nn.logical_axis_rules(rules):
+            boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
+        config, chosen = _lora_plan(cfg, boxed)
+        shapes = {p: v.shape for p, v in _flat(params).items()}
+        out = {p: v.sharding for p, v in adapter_shapes.items()}
+        with mesh:
+            fresh = jax.jit(lambda k: lora.init(k, shapes, chosen, config), out_shardings=out)(
+                jax.random.fold_in(init_rng, 1))
+        params = _unflat({**_flat(params), **fresh})
+    trainable, frozen = partition.split(params, trainable_patterns(cfg))
     with mesh:
         opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(st.train["opt_state"]))(trainable)
     extra = {}
