@@ -118,8 +118,23 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from blip_jax.convert.export import export_lavis, export_transformers
+    import tempfile
 
+    from blip_jax.convert.export import export_lavis, export_transformers
+    from blip_jax.models import lora
+
+    if args.merge_lora:  # base + adapter folded into a plain model directory first
+        adapter = lora.find_adapter(args.merge_lora)
+        if args.to == "blip-jax":
+            out = lora.write_merged(args.src, adapter, args.out, overwrite=args.overwrite)
+            _emit(args, {"out": str(out), "base": str(args.src), "adapter": str(adapter)})
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            args.src = str(lora.write_merged(args.src, adapter, Path(tmp) / "merged"))
+            args.merge_lora = None
+            return cmd_export(args)
+    if args.to == "blip-jax":
+        raise ValueError("--to blip-jax writes a model with an adapter folded in: give --merge-lora ADAPTER")
     if args.to == "lavis":
         _emit(args, export_lavis(args.src, args.out, trimmed=args.trimmed, overwrite=args.overwrite))
     elif args.trimmed:
@@ -315,9 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a blip-jax model as a transformers model directory or a LAVIS .pth")
     p.add_argument("src", help="blip-jax model directory (or a training workdir: its model/)")
     p.add_argument("out", help="transformers model directory, or LAVIS .pth file, to create")
-    p.add_argument("--to", choices=["transformers", "lavis"], required=True,
-                   help="the target library: transformers (BLIP, BLIP-2, InstructBLIP) or lavis (BLIP caption, "
-                        "retrieval, VQA; BLIP-2 stage 1, OPT, Flan-T5; InstructBLIP Vicuna, Flan-T5)")
+    p.add_argument("--to", choices=["transformers", "lavis", "blip-jax"], required=True,
+                   help="the target library: transformers (BLIP, BLIP-2, InstructBLIP), lavis (BLIP caption, "
+                        "retrieval, VQA; BLIP-2 stage 1, OPT, Flan-T5; InstructBLIP Vicuna, Flan-T5), or blip-jax "
+                        "(with --merge-lora: SRC with the adapter folded in)")
+    p.add_argument("--merge-lora", metavar="ADAPTER",
+                   help="fold this LoRA adapter (a run's W/adapter, or W) into SRC, the base it was trained on, first")
     p.add_argument("--trimmed", action="store_true",
                    help="--to lavis, BLIP-2 / InstructBLIP: leave out the frozen ViT and LLM, as LAVIS's runner saves")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

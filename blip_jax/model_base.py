@@ -70,10 +70,7 @@ class ModelBase:
         if adapter is not None:
             from blip_jax.models import lora
 
-            found = Path(adapter) / "adapter" if not lora.is_adapter_dir(adapter) else Path(adapter)
-            if not lora.is_adapter_dir(found):
-                raise FileNotFoundError(f"{adapter}: no {lora.ADAPTER_FILE} here or in its adapter/ (not a LoRA run)")
-            params = lora.apply_adapter(path, params, found)
+            params = lora.apply_adapter(path, params, lora.find_adapter(adapter))
         if dtype is not None:
             towers = ("dtype", "qformer_dtype") if hasattr(config, "qformer_dtype") else ("dtype",)
             config = config.replace(**dict.fromkeys(towers, dtype))

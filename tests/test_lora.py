@@ -152,3 +152,25 @@ def test_bad_input_is_one_line(runs, bases, tmp_path):
     assert "lora.targets: '^language_model/.*/qproj/' matches no kernel of this model" in done.stderr
     with pytest.raises(ValueError, match="was trained on another base"):
         blip_jax.load(bases["other_opt"], adapter=runs["tiny_opt"])
+
+
+def test_export_merge_lora(runs, bases, tmp_path):
+    """`blip-jax export BASE OUT --merge-lora W --to blip-jax` writes W/model's parameters; with
+    --to transformers the merged model goes on to transformers."""
+    from blip_jax import checkpoint
+
+    out = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "blip_jax.cli", "export", str(bases["opt"]), str(out), "--to", "blip-jax",
+           "--merge-lora", str(runs["tiny_opt"])]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = traverse_util.flatten_dict(checkpoint.load(out)[1], sep="/")
+    trained = traverse_util.flatten_dict(checkpoint.load(runs["tiny_opt"] / "model")[1], sep="/")
+    assert ours.keys() == trained.keys()
+    for path in ours:
+        np.testing.assert_array_equal(np.asarray(ours[path]), np.asarray(trained[path]), err_msg=path)
+    hf = tmp_path / "hf"
+    done = subprocess.run(cmd[:5] + [str(hf), "--to", "transformers", "--merge-lora", str(runs["tiny_opt"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (hf / "config.json").is_file()

@@ -179,3 +179,33 @@ def apply_adapter(base_dir, base_params: dict, adapter_dir) -> dict:
                 raise ValueError(f"{adapter_dir} does not fit {base_dir}: {path} is {tuple(value.shape)}, its "
                                  f"kernel {tuple(kernel.shape)}")
     return merged(traverse_util.unflatten_dict({**flat, **adapter}, sep="/"))
+
+
+def write_merged(base_dir, adapter_dir, out, *, overwrite: bool = False):
+    """A plain model directory at `out`: the base's config, tokenizers and processor with its
+    parameters replaced by base + adapter folded in (what `blip-jax export --merge-lora` writes)."""
+    import shutil
+    from pathlib import Path
+
+    from blip_jax import atomic, checkpoint
+
+    base_dir = checkpoint.model_dir(base_dir)
+    _, params = checkpoint.load(base_dir)
+    params = apply_adapter(base_dir, params, adapter_dir)
+    with atomic.directory(out, overwrite=overwrite) as tmp:
+        for item in Path(base_dir).iterdir():
+            if item.name == checkpoint.PARAMS:
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(tmp) / item.name)
+        checkpoint.save_params(tmp, params)
+    return Path(out)
+
+
+def find_adapter(path):
+    """The adapter directory `path` names: itself, or a LoRA run's W/adapter."""
+    from pathlib import Path
+
+    for candidate in (Path(path), Path(path) / "adapter"):
+        if is_adapter_dir(candidate):
+            return candidate
+    raise FileNotFoundError(f"{path}: no {ADAPTER_FILE} here or in its adapter/ (not a LoRA run's adapter)")
