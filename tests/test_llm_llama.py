@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from blip_jax.models.weights import ConversionError
 from blip_jax.generation import GenerationConfig, generate
@@ -23,16 +23,22 @@ VARIANTS = {
     # one key/value head, biases, head_dim != hidden / heads, another rope_theta, tied lm_head
     "extras": {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True, "head_dim": 16,
                "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}, "tie_word_embeddings": True},
+    # the other LLaMA-architecture families: Mistral's sliding window (short here, so it cuts the
+    # prompts and the generated tokens), Qwen2's q / k / v biases with its tied head
+    "mistral": {"num_key_value_heads": 2, "sliding_window": 4},
+    "qwen2": {"num_key_value_heads": 2, "tie_word_embeddings": True, "use_sliding_window": False},
 }
+CLASSES = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
 def _hf_model(variant):
     torch.manual_seed(0)
-    hf_config = HFLlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1,
-                              eos_token_id=2, **VARIANTS[variant])
+    config_cls, model_cls = CLASSES.get(variant, (HFLlamaConfig, LlamaForCausalLM))
+    hf_config = config_cls(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1,
+                           eos_token_id=2, **VARIANTS[variant])
     hf_config._attn_implementation = "eager"
-    model = LlamaForCausalLM(hf_config).eval()
+    model = model_cls(hf_config).eval()
     with torch.no_grad():
         for p in model.parameters():  # every norm scale and bias matters
             p.add_(torch.randn_like(p) * 0.1)
@@ -87,9 +93,13 @@ def test_config_from_hf():
         hf, config, _ = _pair(variant)
         assert (config.hidden_size, config.num_layers, config.num_heads) == (32, 2, 4)
         assert config.num_kv_heads == hf.config.num_key_value_heads
-        assert config.head_dim == hf.config.head_dim
+        assert config.head_dim == getattr(hf.config, "head_dim", None) or 32 // 4  # Qwen2's config has none
         assert config.rope_theta == hf.config.rope_parameters["rope_theta"]
         assert config.tie_word_embeddings == hf.config.tie_word_embeddings
+        assert config.model_type == hf.config.model_type
+        assert config.sliding_window == (4 if variant == "mistral" else None)
+        assert config.qkv_bias == (variant == "qwen2")
+        assert LlamaConfig.from_hf(config.to_hf()) == config  # what export writes reads back the same
     # an older config.json: rope_theta at the top level, rope_scaling null, eos as a list
     old = LlamaConfig.from_hf({"rope_theta": 1e6, "rope_scaling": None, "eos_token_id": [2, 3],
                                "num_attention_heads": 8, "hidden_size": 64})
@@ -193,7 +203,8 @@ def _generate(config, params, ids, mask, num_beams, eos, step=None, scan_layers=
     return np.asarray(out)[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("variant,num_beams", [("mha", 1), ("gqa", 3)])
+@pytest.mark.parametrize("variant,num_beams", [("mha", 1), ("gqa", 3), ("mistral", 1), ("mistral", 3), ("qwen2", 1),
+                                               ("qwen2", 3)])
 def test_generate_matches_hf(variant, num_beams):
     hf, config, params = _pair(variant)
     ids, mask = _prompts()

@@ -33,7 +33,7 @@ HF_VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_l
                           attention_dropout=0.0, qkv_bias=True)
 HF_QFORMER_DEFAULTS = dict(vocab_size=30522, max_position_embeddings=512, pad_token_id=0)
 # text_config model_type -> blip-jax LLM family
-LLM_TYPES = {"opt": "opt", "t5": "t5", "llama": "llama"}
+LLM_TYPES = {"opt": "opt", "t5": "t5", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 
 # Keys that carry nothing: buffers.
 IGNORED = re.compile(r"position_ids$")

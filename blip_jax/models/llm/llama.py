@@ -52,6 +52,9 @@ from blip_jax.models.layout import stack_layers
 from blip_jax.models.llm import decoding
 from blip_jax.models.stack import LayerStack
 
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers architectures of this family
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 32000
@@ -66,6 +69,9 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool = False  # biases on q / k / v only (Qwen2)
+    sliding_window: int | None = None  # keys at most this many positions back (Mistral); None: all
+    model_type: str = "llama"  # the transformers architecture: llama | mistral | qwen2
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     pad_token_id: int = 0
@@ -79,6 +85,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"LLaMA-family model_type {self.model_type!r} is not supported; use one of {MODEL_TYPES}")
         if self.hidden_act not in layers.ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(layers.ACTIVATIONS)}")
 
@@ -103,7 +111,15 @@ class LlamaConfig:
                              "every other scaling type are not")
         d = cls()
         eos = get("eos_token_id", d.eos_token_id)
+        model_type = hf.get("model_type") or "llama"
+        if model_type == "qwen2" and hf.get("use_sliding_window"):
+            raise ValueError("Qwen2 use_sliding_window=True (a window on the layers from max_window_layers on) is not "
+                             "supported; the released Qwen2 models run without it")
+        window = hf.get("sliding_window") if model_type == "mistral" else None
         return cls(
+            model_type=model_type,
+            qkv_bias=model_type == "qwen2",
+            sliding_window=window,
             vocab_size=get("vocab_size", d.vocab_size),
             hidden_size=get("hidden_size", d.hidden_size),
             intermediate_size=get("intermediate_size", d.intermediate_size),
@@ -125,7 +141,10 @@ class LlamaConfig:
 
     def to_hf(self) -> dict:
         """The transformers `LlamaConfig` dict `from_hf` reads back to this config."""
-        return {"model_type": "llama", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        extra = {"sliding_window": self.sliding_window} if self.model_type == "mistral" else {}
+        if self.model_type == "qwen2":
+            extra = {"use_sliding_window": False}
+        return {"model_type": self.model_type, **extra, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
@@ -172,10 +191,11 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, mask, cos, sin, cache_index, cache):
         cfg = self.config
         kw = dict(use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = dict(kw, use_bias=cfg.attention_bias or cfg.qkv_bias)
         kv_shape = (cfg.num_kv_heads, cfg.head_dim)
-        q = layers.Dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), name="q_proj", **kw)(x)
-        k = layers.Dense(kv_shape, ("embed", "kv_heads", "kv"), name="k_proj", **kw)(x)
-        v = layers.Dense(kv_shape, ("embed", "kv_heads", "kv"), name="v_proj", **kw)(x)
+        q = layers.Dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), name="q_proj", **qkv)(x)
+        k = layers.Dense(kv_shape, ("embed", "kv_heads", "kv"), name="k_proj", **qkv)(x)
+        v = layers.Dense(kv_shape, ("embed", "kv_heads", "kv"), name="v_proj", **qkv)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = layers.heads_first(k), layers.heads_first(v)
         new_cache = None
@@ -269,7 +289,11 @@ class Llama(nn.Module):
             positions = jax.lax.dynamic_slice_in_dim(hf_positions(attention_mask), start, length, axis=1)
         cos, sin = rope_tables(jnp.broadcast_to(positions, (batch, length)), cfg.head_dim, cfg.rope_theta)
 
-        mask = layers.causal_mask(attention_mask, start + jnp.arange(length))
+        query_positions = start + jnp.arange(length)
+        mask = layers.causal_mask(attention_mask, query_positions)
+        if cfg.sliding_window is not None:  # Mistral: a query sees the last `sliding_window` slots only
+            keys = jnp.arange(mask.shape[-1])
+            mask = mask & (query_positions[:, None] - keys[None, :] < cfg.sliding_window)
         x, layer_cache = LayerStack(
             LlamaLayer,
             dict(config=cfg, **kw),
