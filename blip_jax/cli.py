@@ -93,6 +93,14 @@ def cmd_convert(args) -> int:
     from blip_jax.convert.reader import free_large_blocks_at_once
 
     free_large_blocks_at_once()
+    if not args.lavis and (Path(args.src) / "params").is_dir():  # a blip-jax stage-1 model onto a new LLM
+        from blip_jax.convert.compose import compose
+
+        if not args.llm:
+            raise ValueError(f"{args.src} is a blip-jax model already; give --llm DIR to put its Q-Former in front of "
+                             "that language model (stage 2 onto a new LLM)")
+        _emit(args, compose(args.src, args.llm, args.dst, instruct=args.instruct, overwrite=args.overwrite))
+        return 0
     if args.lavis:
         from blip_jax.convert.lavis import parse_heads
 
@@ -303,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a transformers BLIP / BLIP-2 / InstructBLIP model directory, "
-                       "or a LAVIS BLIP .pth (--lavis)")
+                       "a LAVIS BLIP .pth (--lavis), or a blip-jax stage-1 model onto a new LLM (--llm)")
     p.add_argument("src", help="transformers model directory (config.json + safetensors or pytorch_model.bin), "
                    "or a LAVIS .pth with --lavis")
     p.add_argument("dst", help="blip-jax model directory to create")
@@ -322,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", help="--lavis: the ViT's own .pth for a checkpoint without it (trimmed BLIP-2 files; "
                    "EVA ViT-g: eva_vit_g.pth)")
     p.add_argument("--llm", help="--lavis, BLIP-2 with an LLM: the LLM's transformers directory (config, tokenizer; "
-                   "its weights for a trimmed checkpoint)")
+                   "its weights for a trimmed checkpoint); with a blip-jax stage-1 model as SRC: the language model "
+                   "(OPT, Flan-T5, LLaMA, Vicuna, Mistral, Qwen2) to put its Q-Former in front of, for stage 2")
+    p.add_argument("--instruct", action="store_true",
+                   help="with a stage-1 SRC and --llm: an InstructBLIP model (the Q-Former also reads the instruction)")
     p.add_argument("--heads", help="--lavis: head counts the tensors cannot show, e.g. vision=16,text=12 "
                    "(default: 64-wide heads, as every released BLIP)")
     p.set_defaults(func=cmd_convert)

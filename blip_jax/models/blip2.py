@@ -92,7 +92,10 @@ class Blip2Config:
 
     @property
     def has_qformer_text(self) -> bool:
-        return self.instruct or self.architecture == "retrieval"
+        """Whether the Q-Former reads text (word and position embeddings, its text FFN): retrieval,
+        InstructBLIP, and a stage-2 model that keeps stage 1's text parts to be instruction-tuned
+        later (`qformer.use_qformer_text_input` without `instruct`: carried, not used)."""
+        return self.instruct or self.architecture == "retrieval" or self.qformer.use_qformer_text_input
 
     def replace(self, **changes) -> "Blip2Config":
         return dataclasses.replace(self, **changes)
@@ -227,6 +230,8 @@ class Blip2(nn.Module):
                 out += (self.itg_logits(image_embeds, input_ids, attention_mask), self.temp)
             return out
         prefix = self.language_prefix(image_embeds, instruction_ids, instruction_mask, deterministic)
+        if self.is_initializing() and self.config.has_qformer_text and not self.config.instruct:
+            self.query_outputs(image_embeds, input_ids, attention_mask)  # create the carried text parts
         return self.language_model_logits(prefix, input_ids, attention_mask, decoder_input_ids,
                                           deterministic=deterministic)
 
