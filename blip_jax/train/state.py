@@ -47,6 +47,8 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
         if stage.architecture and base.architecture != stage.architecture:
             raise ValueError(f"{stage.name} trains the {stage.architecture} architecture; "
                              f"{m.init_from} is a {base.architecture} model")
+        if m.get("resolution"):  # fine-tuning at another image size: the ViT's positions are resized on load
+            run["vision"] = dataclasses.replace(base.vision, image_size=int(m.resolution))
         return base.replace(**run)
     vocab = vocab or {}
     architecture = stage.architecture or m.architecture
@@ -134,12 +136,23 @@ def init_params(config: Blip2Config, mesh: Mesh, rules, rng, init_from: str = ""
     if init_from and isinstance(config, BlipConfig):  # maybe another architecture or resolution
         restored = _transferred(init_from, config, abstract, flat_sh)
     elif init_from:
-        stored = checkpoint.stored_paths(init_from)
+        stored = checkpoint.stored_shapes(init_from)
         unknown = [p for p in stored if p not in flat_abs]
         if unknown:
             raise ValueError(f"{init_from} holds parameters this model does not have: {unknown[:5]}")
-        target = {p: jax.ShapeDtypeStruct(flat_abs[p].shape, flat_abs[p].dtype, sharding=flat_sh[p]) for p in stored}
+        # another resolution (`model.resolution`): the ViT's positions are read as stored, then resized
+        resized = [p for p in stored if tuple(stored[p]) != tuple(flat_abs[p].shape)]
+        if [p for p in resized if p != transfer.POSITIONS]:
+            p = next(p for p in resized if p != transfer.POSITIONS)
+            raise ValueError(f"{init_from}: {p} is {tuple(stored[p])}, this model's {tuple(flat_abs[p].shape)}")
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        target = {p: jax.ShapeDtypeStruct(tuple(stored[p]) if p in resized else flat_abs[p].shape, flat_abs[p].dtype,
+                                          sharding=replicated if p in resized else flat_sh[p]) for p in stored}
         restored = _flat(checkpoint.restore_params(init_from, _unflat(target)))
+        for p in resized:
+            grid = int(round((flat_abs[p].shape[1] - 1) ** 0.5))
+            value = transfer.resize_positions(jax.device_get(restored[p]), grid).astype(flat_abs[p].dtype)
+            restored[p] = jax.device_put(value, flat_sh[p])
     missing = sorted(p for p in flat_abs if p not in restored)
     if missing and init_from:
         logging.info("initialised at random (not in %s): %s", init_from, missing)
@@ -184,6 +197,7 @@ def abstract(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: di
     adapter = _abstract_adapter(cfg, boxed, mesh)
     params = _unflat({**_flat(params), **_flat(adapter)})
     trainable, frozen = partition.split(params, trainable_patterns(cfg))
+    trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, _master(s.dtype), sharding=s.sharding), trainable)
     opt_shapes = jax.eval_shape(optimizer.init, trainable)
     opt_state = _abstract(opt_shapes, opt_state_shardings(opt_shapes, jax.tree.map(lambda x: x.sharding, trainable),
                                                           mesh))
@@ -201,6 +215,12 @@ def abstract(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: di
              "step": scalar(jax.ShapeDtypeStruct((), jnp.int32)), "rng": scalar(key),
              "bad_step": scalar(jax.ShapeDtypeStruct((), jnp.int32))}
     return ModelState(model, config, train, frozen, shardings, mesh)
+
+
+def _master(dtype):
+    """What a trainable parameter is kept in: fp32 master weights for every float (a tower stored
+    in bf16, e.g. the ViT, trains in fp32 and is cast to the compute dtype at use)."""
+    return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
 def trainable_patterns(cfg) -> list[str]:
@@ -256,6 +276,7 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
                 jax.random.fold_in(init_rng, 1))
         params = _unflat({**_flat(params), **fresh})
     trainable, frozen = partition.split(params, trainable_patterns(cfg))
+    trainable = jax.tree.map(lambda x: x.astype(_master(x.dtype)), trainable)  # e.g. a bf16 ViT fine-tuned
     with mesh:
         opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(st.train["opt_state"]))(trainable)
     extra = {}

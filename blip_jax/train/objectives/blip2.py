@@ -29,6 +29,7 @@ from blip_jax.data.records import BadRecord
 from blip_jax.losses import IGNORE, clamped_temperature, cross_entropy
 from blip_jax.models.blip2 import Blip2
 from blip_jax.train import report
+from blip_jax.train.objectives.blip import image_index
 from blip_jax.train.objectives.stage import Stage
 
 
@@ -52,13 +53,21 @@ def stage1(model: Blip2, params, batch, rng, cfg, extra):
     temp = clamped_temperature(params["temp"])
     sim_i2t = jnp.einsum("iqe,te->itq", image_feats, text_feats).max(-1) / temp
     sim_t2i = jnp.einsum("te,iqe->tiq", text_feats, image_feats).max(-1) / temp
-    labels = jnp.arange(b)
-    itc = (cross_entropy(sim_i2t, labels, cfg.itc_label_smoothing)
-           + cross_entropy(sim_t2i, labels, cfg.itc_label_smoothing)) / 2
+    if "image_index" in batch:  # retrieval fine-tuning: every text of the same image is a positive
+        idx = batch["image_index"]
+        eye = idx[:, None] == idx[None, :]
+        s = cfg.itc_label_smoothing  # LAVIS: 0.9 x the positives' share + 0.1 uniform
+        targets = (1 - s) * eye / eye.sum(1, keepdims=True) + s / b
+        soft = lambda sim: -(jax.nn.log_softmax(sim, -1) * targets).sum(-1).mean()  # noqa: E731
+        itc = (soft(sim_i2t) + soft(sim_t2i)) / 2
+    else:
+        labels = jnp.arange(b)
+        itc = (cross_entropy(sim_i2t, labels, cfg.itc_label_smoothing)
+               + cross_entropy(sim_t2i, labels, cfg.itc_label_smoothing)) / 2
+        eye = jnp.eye(b, dtype=bool)
 
     # ITM: each text with a hard negative image, each image with a hard negative text, drawn from
-    # softmax(similarity) without the positive (no gradient through the sampling)
-    eye = jnp.eye(b, dtype=bool)
+    # softmax(similarity) without the positives (no gradient through the sampling)
     neg_logits = lambda sim: jnp.where(eye, -jnp.inf, jax.lax.stop_gradient(sim))  # noqa: E731
     k_img, k_txt = jax.random.split(rngs["negatives"])
     # a batch may carry its negatives (`itm_negative_image` / `itm_negative_text` [B]: comparisons
@@ -121,6 +130,15 @@ def caption_example(task, record, rng) -> dict:
 def caption_shapes(cfg, encoder_decoder: bool) -> dict:
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.max_text_len), np.int32)
     return {"text_ids": tokens, "text_mask": tokens}
+
+
+def retrieval_example(task, record, rng) -> dict:
+    """Stage 1's example and its image's index: the texts of one image are each other's positives."""
+    return {**caption_example(task, record, rng), "image_index": np.int32(image_index(record))}
+
+
+def retrieval_shapes(cfg, encoder_decoder: bool) -> dict:
+    return {**caption_shapes(cfg, encoder_decoder), "image_index": jax.ShapeDtypeStruct((cfg.batch_size,), np.int32)}
 
 
 def _prompt_and_target(task, record: dict, rng: np.random.Generator) -> tuple[str, str]:
@@ -186,6 +204,11 @@ def lm_shapes(cfg, encoder_decoder: bool) -> dict:
 
 STAGE1 = Stage("stage1", "blip2", stage1, caption_example, caption_shapes, report.qformer_retrieval,
                bert_text_only=True, architecture="retrieval", model_fields={"stage1_heads": True})
+# the paper's retrieval fine-tune: stage 1's objectives with the positives of `image_index` (LAVIS
+# Blip2Qformer given image ids)
+STAGE1_RETRIEVAL = Stage("stage1_retrieval", "blip2", stage1, retrieval_example, retrieval_shapes,
+                         report.qformer_retrieval, bert_text_only=True, architecture="retrieval",
+                         model_fields={"stage1_heads": True})
 # each microbatch's mean weighs its target tokens, so an accumulated loss is the whole batch's
 LM = Stage("lm", "blip2", language_modeling, lm_example, lm_shapes, report.llm_generation,
            microbatch_weight=lm_weight)
