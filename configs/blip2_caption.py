@@ -7,7 +7,7 @@ at 364 px (positions resized from the 224 px checkpoint), the LLM frozen.
         --config.data.image_root=coco/images
     blip-jax eval --config=configs/eval/caption.py:coco --ckpt=runs/cap --workdir=runs/cap_eval
 
-Presets: `tiny_opt` (CPU; 48 px), `coco_opt2.7b`, `coco_opt6.7b`, `coco_flant5xl`. The paper's
+Presets: `tiny` (OPT, CPU; 48 px), `coco_opt2.7b`, `coco_opt6.7b`, `coco_flant5xl`. The paper's
 COCO Karpathy-test numbers for these: CIDEr 145.8 (OPT-2.7B), 145.2 (OPT-6.7B), 144.5 (Flan-T5-XL).
 """
 
@@ -16,18 +16,18 @@ from pathlib import Path
 from blip_jax.config_files import load_config
 
 HERE = Path(__file__).parent
-BASES = {"tiny_opt": ("blip2_stage2_opt.py", "tiny"), "coco_opt2.7b": ("blip2_stage2_opt.py", "vitg_opt2.7b"),
+BASES = {"tiny": ("blip2_stage2_opt.py", "tiny"), "coco_opt2.7b": ("blip2_stage2_opt.py", "vitg_opt2.7b"),
          "coco_opt6.7b": ("blip2_stage2_opt.py", "vitg_opt6.7b"), "coco_flant5xl": ("blip2_stage2_t5.py", "vitg_flant5xl")}
 COCO_CAPTIONS = 566_747  # Karpathy train
 
 
-def get_config(arg: str = "tiny_opt"):
+def get_config(arg: str = "tiny"):
     if arg not in BASES:
         raise ValueError(f"unknown preset {arg!r}: {', '.join(BASES)}")
     c = load_config(HERE / BASES[arg][0], BASES[arg][1])
     c.trainable = list(c.trainable) + [r"^vision/"]  # the ViT fine-tunes too
     c.data.update(prompt="a photo of ", augment="blip2_train")  # LAVIS: prompt tokens carry no loss
-    if arg == "tiny_opt":
+    if arg == "tiny":
         c.model.resolution = 48  # from the 32 px tiny checkpoint, as 364 from 224
         c.model.vision.image_size = 48  # without init_from
         c.data.augment = "eval"

@@ -3,10 +3,10 @@
 (`blip_jax.models.lora`). The run writes W/adapter (the adapter alone) beside W/model (the base
 with it folded in); `blip_jax.load(BASE, adapter=W)` applies it onto a converted base.
 
-    blip-jax train --config=configs/blip2_lora.py:tiny_opt --workdir=/tmp/lora \\
+    blip-jax train --config=configs/blip2_lora.py:tiny --workdir=/tmp/lora \\
         [--config.model.init_from=blip2-opt-2.7b]
 
-Presets: `tiny_opt`, `tiny_vicuna` (CPU), `opt2.7b`, `flant5xl` (LoRA on the LLM's q / v
+Presets: `tiny` (OPT), `tiny_vicuna` (CPU), `opt2.7b`, `flant5xl` (LoRA on the LLM's q / v
 projections, rank 8 as PEFT's default, the Q-Former frozen as well).
 """
 
@@ -19,11 +19,11 @@ HERE = Path(__file__).parent
 LLM_QV = {"opt": r"^language_model/.*self_attn/(q_proj|v_proj)/kernel$",
           "llama": r"^language_model/.*self_attn/(q_proj|v_proj)/kernel$",
           "t5": r"^language_model/.*(self_attn|cross_attn)/(q|v)/kernel$"}
-BASES = {"tiny_opt": ("blip2_stage2_opt.py", "tiny"), "tiny_vicuna": ("instructblip_vicuna.py", "tiny"),
+BASES = {"tiny": ("blip2_stage2_opt.py", "tiny"), "tiny_vicuna": ("instructblip_vicuna.py", "tiny"),
          "opt2.7b": ("blip2_stage2_opt.py", "vitg_opt2.7b"), "flant5xl": ("blip2_stage2_t5.py", "vitg_flant5xl")}
 
 
-def get_config(arg: str = "tiny_opt"):
+def get_config(arg: str = "tiny"):
     if arg not in BASES:
         raise ValueError(f"unknown preset {arg!r}: {', '.join(BASES)}")
     file, preset = BASES[arg]

@@ -43,7 +43,7 @@ def _train(preset: str, workdir: Path, base: Path, *flags: str) -> subprocess.Co
 def runs(bases, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_runs")
     out = {}
-    for preset, base in (("tiny_opt", "opt"), ("tiny_vicuna", "instruct_llama")):
+    for preset, base in (("tiny", "opt"), ("tiny_vicuna", "instruct_llama")):
         done = _train(preset, root / preset, bases[base])
         assert done.returncode == 0, done.stderr[-3000:]
         out[preset] = root / preset
@@ -58,7 +58,7 @@ def _size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("preset", ["tiny_opt", "tiny_vicuna"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_vicuna"])
 def test_loss_falls_and_the_adapter_is_small(runs, preset, record_property):
     workdir = runs[preset]
     losses = _losses(workdir)
@@ -78,7 +78,7 @@ def test_only_the_adapter_trains_and_has_optimizer_state(bases):
     from blip_jax.train import optim, sharding
     from blip_jax.train import state as state_lib
 
-    cfg = load_config(ROOT / "configs" / "blip2_lora.py", "tiny_opt")
+    cfg = load_config(ROOT / "configs" / "blip2_lora.py", "tiny")
     cfg.model.init_from = str(bases["opt"])
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     st = state_lib.abstract(cfg, mesh, optim.make_optimizer(cfg.optim), {})
@@ -105,7 +105,7 @@ def test_merged_model_equals_base_plus_adapter(runs, bases):
     from blip_jax.models.blip2 import Blip2
     from blip_jax.testing import sample_images
 
-    workdir = runs["tiny_opt"]
+    workdir = runs["tiny"]
     _, base = checkpoint.load(bases["opt"])
     _, merged = checkpoint.load(workdir / "model")
     adapter = traverse_util.flatten_dict(checkpoint.restore_params(workdir / "adapter"), sep="/")
@@ -147,11 +147,11 @@ def test_bad_input_is_one_line(runs, bases, tmp_path):
     """A target regex that matches nothing; an adapter onto another base."""
     import blip_jax
 
-    done = _train("tiny_opt", tmp_path / "typo", bases["opt"], "--config.lora.targets=('^language_model/.*/qproj/',)")
+    done = _train("tiny", tmp_path / "typo", bases["opt"], "--config.lora.targets=('^language_model/.*/qproj/',)")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "lora.targets: '^language_model/.*/qproj/' matches no kernel of this model" in done.stderr
     with pytest.raises(ValueError, match="was trained on another base"):
-        blip_jax.load(bases["other_opt"], adapter=runs["tiny_opt"])
+        blip_jax.load(bases["other_opt"], adapter=runs["tiny"])
 
 
 def test_export_merge_lora(runs, bases, tmp_path):
@@ -161,16 +161,16 @@ def test_export_merge_lora(runs, bases, tmp_path):
 
     out = tmp_path / "merged"
     cmd = [sys.executable, "-m", "blip_jax.cli", "export", str(bases["opt"]), str(out), "--to", "blip-jax",
-           "--merge-lora", str(runs["tiny_opt"])]
+           "--merge-lora", str(runs["tiny"])]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ours = traverse_util.flatten_dict(checkpoint.load(out)[1], sep="/")
-    trained = traverse_util.flatten_dict(checkpoint.load(runs["tiny_opt"] / "model")[1], sep="/")
+    trained = traverse_util.flatten_dict(checkpoint.load(runs["tiny"] / "model")[1], sep="/")
     assert ours.keys() == trained.keys()
     for path in ours:
         np.testing.assert_array_equal(np.asarray(ours[path]), np.asarray(trained[path]), err_msg=path)
     hf = tmp_path / "hf"
-    done = subprocess.run(cmd[:5] + [str(hf), "--to", "transformers", "--merge-lora", str(runs["tiny_opt"])],
+    done = subprocess.run(cmd[:5] + [str(hf), "--to", "transformers", "--merge-lora", str(runs["tiny"])],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (hf / "config.json").is_file()

@@ -47,7 +47,7 @@ def _flat(directory):
     return config, traverse_util.flatten_dict(params, sep="/")
 
 
-@pytest.mark.parametrize("config,base", [("blip2_caption.py:tiny_opt", "opt"), ("blip2_retrieval.py:tiny", "retrieval")])
+@pytest.mark.parametrize("config,base", [("blip2_caption.py:tiny", "opt"), ("blip2_retrieval.py:tiny", "retrieval")])
 def test_fine_tune_at_a_higher_resolution_with_the_vit_unfrozen(bases, config, base, tmp_path):
     import blip_jax
     from blip_jax.models.transfer import POSITIONS
