@@ -162,7 +162,8 @@ class Blip2Model(ModelBase):
 
     @property
     def _kind(self) -> str:
-        return "instruct" if self.config.instruct else self.config.llm_family
+        # an InstructBLIP model reads instructions; a BLIP-2 VQA fine-tune its family's prompts
+        return "instruct" if self.config.instruct and self.config.qformer_input == "prompt" else self.config.llm_family
 
     # ------------------------------------------------------------------ LLM inputs
     def _llm_tokens(self, texts: Sequence[str]):
@@ -238,14 +239,19 @@ class Blip2Model(ModelBase):
         options = self._as_new_tokens({**self.checkpoint_generation_options(), **options}, prompts)
         return self._new_tokens(images, prompts, self._generation_config({}, options))
 
-    def _generate(self, images, prompts: list[str], defaults: dict, options: dict) -> list[str]:
+    def _generate(self, images, prompts: list[str], defaults: dict, options: dict,
+                  qformer_texts: list[str] | None = None) -> list[str]:
         """Texts after `prompts` with a task's `defaults` under the caller's `options`."""
-        return self._decode_texts(self._new_tokens(images, prompts, self._generation_config(defaults, options)))
+        return self._decode_texts(self._new_tokens(images, prompts, self._generation_config(defaults, options),
+                                                   qformer_texts))
 
-    def _new_tokens(self, images, prompts: list[str], config: generation.GenerationConfig) -> np.ndarray:
+    def _new_tokens(self, images, prompts: list[str], config: generation.GenerationConfig,
+                    qformer_texts: list[str] | None = None) -> np.ndarray:
+        """`qformer_texts` (default: the prompts) is what an instruct Q-Former reads."""
         pixels = self.preprocess(images)
         image_index, prompts = pair_up(len(pixels), prompts)
-        prefixes = self._prefixes(pixels, image_index, prompts)
+        _, qformer_texts = pair_up(len(pixels), qformer_texts) if qformer_texts is not None else (None, prompts)
+        prefixes = self._prefixes(pixels, image_index, qformer_texts)
         tokens = []
         for start, stop, rows in self._chunks(len(prompts)):
             ids, mask = self._llm_tokens(prompts[start:stop])
@@ -266,26 +272,35 @@ class Blip2Model(ModelBase):
         """Short answers with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
         answer:" for Flan-T5 and InstructBLIP) and zero-shot settings (beam 5, <= 10 new tokens)."""
         self._require("vqa")
-        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in texts_of(questions, "questions")]
-        return self._generate(images, prompts, BLIP2_VQA[self._kind], generation_options)
+        questions = texts_of(questions, "questions")
+        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in questions]
+        return self._generate(images, prompts, BLIP2_VQA[self._kind], generation_options, self._qformer_reads(questions))
+
+    def _qformer_reads(self, questions: list[str]) -> list[str] | None:
+        """What the Q-Former reads for VQA: the bare questions for a BLIP-2 VQA fine-tune (None: the prompts)."""
+        return questions if self.config.qformer_input == "question" else None
 
     def vqa_rank(self, images, questions, answer_list: Sequence[str], k: int | None = None) -> list[str]:
         """The most likely answer of `answer_list` for each (image, question) pair, by `rank` after
         the paper's VQA prompt. Every candidate is scored: `k` (BLIP's first-token shortlist) is
         accepted for the shared signature and not used."""
         self._require("vqa")
-        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in texts_of(questions, "questions")]
-        scores = self.rank(images, prompts, texts_of(list(answer_list), "answer_list"))
+        questions = texts_of(questions, "questions")
+        prompts = [VQA_TEMPLATES[self._kind].format(q) for q in questions]
+        scores = self.rank(images, prompts, texts_of(list(answer_list), "answer_list"), self._qformer_reads(questions))
         return [answer_list[i] for i in scores.argmax(1)]
 
-    def rank(self, images, prompts, candidates: Sequence[str]) -> np.ndarray:
+    def rank(self, images, prompts, candidates: Sequence[str], qformer_texts: Sequence[str] | None = None
+             ) -> np.ndarray:
         """Log-likelihood [N, len(candidates)] of each candidate answer after each (image, prompt)
         pair: the summed log-probabilities of the candidate's tokens (for T5 including its `</s>`), what
-        multiple-choice evaluation ranks by. One image or one prompt is broadcast."""
+        multiple-choice evaluation ranks by. One image or one prompt is broadcast. `qformer_texts`:
+        what an instruct Q-Former reads instead of the prompts (a BLIP-2 VQA fine-tune: the questions)."""
         self._require("rank")
         pixels = self.preprocess(images)
         image_index, prompts = pair_up(len(pixels), as_list(prompts))
-        prefixes = self._prefixes(pixels, image_index, prompts)
+        reads = prompts if qformer_texts is None else pair_up(len(pixels), as_list(qformer_texts))[1]
+        prefixes = self._prefixes(pixels, image_index, reads)
         candidates = texts_of(list(candidates), "candidates")
         t5 = self.config.family.encoder_decoder
         cand = self.tokenizer(candidates, padding="longest", add_special_tokens=t5, padding_side="right")

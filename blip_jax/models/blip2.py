@@ -60,6 +60,9 @@ class Blip2Config:
     frozen_param_dtype: str = "float32"  # storage of the ViT and the LLM
     qformer_dtype: str = "float32"  # compute dtype of the Q-Former
     stage1_heads: bool = False  # retrieval: stage 1's ITG head and ITC temperature (LAVIS has them, HF not)
+    # instruct: what the Q-Former reads beside the queries: "prompt" (InstructBLIP: the LLM's
+    # instruction) or "question" (BLIP-2's VQA fine-tune: the bare question; the LLM its VQA prompt)
+    qformer_input: str = "prompt"
     # ln_vision's eps; None: the ViT's (transformers' one field). LAVIS: 1e-5 beside its ViT's 1e-6
     ln_vision_eps: float | None = None
     scan_layers: bool = False
@@ -83,6 +86,10 @@ class Blip2Config:
                 raise ValueError(f"unknown LLM family {self.llm_family!r}; expected one of {sorted(llm.FAMILIES)}")
             if not isinstance(self.llm, llm.FAMILIES[self.llm_family].config):
                 raise ValueError(f"llm must be a {llm.FAMILIES[self.llm_family].config.__name__}, got {type(self.llm)}")
+        if self.qformer_input not in ("prompt", "question"):
+            raise ValueError(f"qformer_input must be 'prompt' or 'question', got {self.qformer_input!r}")
+        if self.qformer_input == "question" and not self.instruct:
+            raise ValueError("qformer_input='question' needs instruct=True (the Q-Former reading text)")
         if self.instruct and not self.qformer.use_qformer_text_input:
             raise ValueError("instruct models need the Q-Former's text FFN (use_qformer_text_input=True)")
 

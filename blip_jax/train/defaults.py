@@ -114,7 +114,7 @@ def base() -> ml_collections.ConfigDict:
     c.data = data_defaults()
     c.model = ml_collections.ConfigDict(dict(
         init_from="",  # a converted blip-jax model directory; empty: random initialisation from the fields
-        architecture="generation", instruct=False, llm_family="opt", num_query_tokens=32, embed_dim=256,
+        architecture="generation", instruct=False, qformer_input="prompt", llm_family="opt", num_query_tokens=32, embed_dim=256,
         qformer_vocab_size=30523, qformer_max_positions=512,
         precision="fp32",  # a key of PRECISIONS; a dtype field below set to a dtype wins over it
         dtype="", frozen_dtype="", qformer_dtype="", scan_layers=False, remat_policy="none",

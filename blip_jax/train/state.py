@@ -40,6 +40,8 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
     d = defaults.dtypes(m)
     run = dict(dtype=d["dtype"], param_dtype="float32", frozen_param_dtype=d["frozen_dtype"],
                qformer_dtype=d["qformer_dtype"], scan_layers=m.scan_layers, remat_policy=m.remat_policy, **stage.model_fields)
+    if m.get("qformer_input") == "question":  # BLIP-2's VQA fine-tune: the question enters the Q-Former
+        run.update(instruct=True, qformer_input="question")
     if m.init_from:
         base = checkpoint.read_config(m.init_from)
         if not isinstance(base, Blip2Config):
@@ -61,7 +63,7 @@ def model_config(cfg, vocab: dict | None = None) -> Blip2Config | BlipConfig:
                "decoder_start_token_id": vocab.get("pad_token_id")}
         llm = family.config(**{**m.llm.to_dict(), **{k: v for k, v in ids.items() if k in fields and v is not None}})
     return Blip2Config(
-        architecture=architecture, instruct=m.instruct, vision=VisionConfig(**m.vision.to_dict()),
+        architecture=architecture, instruct=run.pop("instruct", m.instruct), vision=VisionConfig(**m.vision.to_dict()),
         qformer=QFormerConfig(**m.qformer.to_dict()), llm_family=m.llm_family if family else "", llm=llm,
         num_query_tokens=m.num_query_tokens, embed_dim=m.embed_dim,
         qformer_vocab_size=vocab.get("qformer_vocab_size", m.qformer_vocab_size),

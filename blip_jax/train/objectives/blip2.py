@@ -149,6 +149,11 @@ def _prompt_and_target(task, record: dict, rng: np.random.Generator) -> tuple[st
         cleaned["caption"] = transforms.pre_caption(record["caption"], d.max_words, d.prompt)
     if "question" in record:
         cleaned["question"] = transforms.pre_question(record["question"], d.max_words)
+    if task.cfg.model.get("qformer_input") == "question":  # BLIP-2's VQA fine-tune: the paper's prompt
+        if "question" not in cleaned:
+            raise BadRecord("bad_text", "a VQA fine-tune record without a question")
+        template = VQA_TEMPLATES["t5" if task.encoder_decoder else "opt"]
+        return template.format(cleaned["question"]), sample_answer(cleaned, rng)
     if task.cfg.model.instruct:
         return instruct(cleaned, d.instruction_family, rng)
     if "caption" in cleaned:
@@ -170,7 +175,10 @@ def lm_example(task, record, rng) -> dict:
     prompt_len, target_len = d.max_prompt_len or None, d.max_target_len or None  # 0: no limit
     out = {}
     if task.cfg.model.instruct:  # cut on the Q-Former tokenizer's own side (LAVIS: left)
-        out["qformer_ids"], out["qformer_mask"] = task.bert_tokens(prompt, prompt_len)
+        qformer_text = prompt
+        if task.cfg.model.get("qformer_input") == "question":  # the question alone (BLIP-2 VQA fine-tune)
+            qformer_text = transforms.pre_question(record["question"], d.max_words)
+        out["qformer_ids"], out["qformer_mask"] = task.bert_tokens(qformer_text, prompt_len)
     if task.encoder_decoder:
         if not prompt:  # prefix LM: split the caption at a point drawn from [1, middle]
             words = target.split()
