@@ -120,3 +120,24 @@ def test_image_id_positives():
         return -(logp * targets).sum(1).mean()
 
     np.testing.assert_allclose(float(m_c["itc"]), (soft(sim_i2t) + soft(sim_i2t.T)) / 2, rtol=1e-5)
+
+
+def test_blip2_vqa_fine_tune(tmp_path):
+    """The question enters the Q-Former in training and in `model.vqa`; the loss falls."""
+    import blip_jax
+    from blip_jax.testing import sample_images
+
+    workdir = tmp_path / "vqa"
+    cmd = [sys.executable, "-m", "blip_jax.cli", "train", "--config=configs/blip2_vqa.py:tiny", f"--workdir={workdir}",
+           "--config.report=False"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0], losses
+    model = blip_jax.load(workdir)
+    assert model.config.instruct and model.config.qformer_input == "question"
+    assert model._qformer_reads(["how many circles?"]) == ["how many circles?"]
+    answers = model.vqa(sample_images(2, size=32), ["how many circles?", "what color is the square?"],
+                        max_new_tokens=3)
+    assert len(answers) == 2

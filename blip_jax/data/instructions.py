@@ -39,7 +39,7 @@ def family_of(record: dict, family: str = "") -> str:
 
 def sample_answer(record: dict, rng: np.random.Generator) -> str:
     """One of the record's answers, drawn by its answer weights (LAVIS's VQA training target)."""
-    answers = record.get("answers")
+    answers = record.get("answers") or ([record["answer"]] if record.get("answer") else None)  # one: synthetic
     if not answers:
         raise BadRecord("bad_text", f"no answers in record {record.get('question_id', '')}")
     weights = np.asarray(record.get("answer_weights") or [1.0] * len(answers), np.float64)
