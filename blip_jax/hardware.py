@@ -81,8 +81,11 @@ def tpu_slice(name: str) -> Slice:
         raise ImportError("--topology compiles with libtpu: pip install libtpu (no TPU needed)") from e
     from jax.experimental import topologies
 
+    dims = [int(n) for n in match.group(2).split("x")]
+    # a slice smaller than one host (v5e:1x1, a single 16 GiB chip) is its own host
+    small = dict(chips_per_host_bounds=tuple(dims + [1] * (3 - len(dims)))) if math.prod(dims) < 4 else {}
     try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **small).devices
     except Exception as e:  # noqa: BLE001 - libtpu's errors are long; its first line says what is wrong
         raise ValueError(f"--topology {name!r}: libtpu refuses it: {str(e).strip().splitlines()[0][:300]}") from None
     chips = math.prod(int(n) for n in match.group(2).split("x"))

@@ -49,9 +49,10 @@ def _choice(cfg, field: str, choices) -> str:
     return value
 
 
-def _path(cfg, field: str, kind: str, required: bool = True) -> None:
-    """A local path the config names: kind "file" or "dir"; gs:// and s3:// URLs are not checked here."""
-    value = _get(cfg, field)
+def _path(cfg, field: str, kind: str, required: bool = True, value=None) -> None:
+    """A local path the config names (or `value`, the field's value resolved): kind "file" or "dir";
+    gs:// and s3:// URLs are not checked here."""
+    value = _get(cfg, field) if value is None else value
     if not value:
         if required:
             raise ConfigError(field, value, f"must name a {'file' if kind == 'file' else 'directory'}")
@@ -68,16 +69,22 @@ def _path(cfg, field: str, kind: str, required: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------- data
-def source(cfg, prefix: str = "data", paths: bool = True) -> None:
-    """One source's settings (`blip_jax.data.sources`); `paths=False` leaves its paths unchecked."""
-    from blip_jax.data.sources import KINDS
+def source(cfg, prefix: str = "data", paths: bool = True, root: str = "") -> None:
+    """One source's settings (`blip_jax.data.sources`); `paths=False` leaves its paths unchecked;
+    relative paths are under its `root`, else `root`."""
+    from blip_jax.data.instructions import FAMILIES
+    from blip_jax.data.sources import KINDS, under_root
 
     kind = _choice(cfg, f"{prefix}.kind", KINDS)
+    spec = dict(_get(cfg, prefix))
+    if spec.get("instruction_family"):
+        _choice(cfg, f"{prefix}.instruction_family", FAMILIES)
     if not paths:
         return
+    resolved = under_root({**spec, "root": spec.get("root") or root})
     if kind == "json":
-        _path(cfg, f"{prefix}.path", "file")
-        _path(cfg, f"{prefix}.image_root", "dir", required=False)
+        _path(cfg, f"{prefix}.path", "file", value=resolved["path"])
+        _path(cfg, f"{prefix}.image_root", "dir", required=False, value=resolved.get("image_root", ""))
     elif kind == "webdataset":
         if not _get(cfg, f"{prefix}.path"):
             raise ConfigError(f"{prefix}.path", "", "must name WebDataset shards (a directory, glob or .tar)")
@@ -104,7 +111,7 @@ def data(cfg, paths: bool = True) -> None:
     for name, spec in mixture.items():
         if not hasattr(spec, "get"):
             raise ConfigError(f"data.mixture.{name}", spec, "must be a source's settings (a dict)")
-        source(cfg, f"data.mixture.{name}", paths)
+        source(cfg, f"data.mixture.{name}", paths, root=cfg.data.get("root", ""))
         if "weight" in spec:
             _number(cfg, f"data.mixture.{name}.weight", 0.0, open_low=True)
     if not mixture:

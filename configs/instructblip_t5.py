@@ -4,6 +4,7 @@ encoder, the output is the decoder's target. Only the Q-Former (+ queries, proje
     blip-jax train --config=configs/instructblip_t5.py:tiny --workdir=/tmp/ib_t5
 """
 
+from blip_jax.data.held_in import held_in_mixture, tiny_mixture
 from blip_jax.train import defaults
 
 
@@ -13,8 +14,13 @@ def get_config(arg: str = "tiny"):
     c.model.llm_family = "t5"
     c.model.instruct = True
     c.model.qformer.use_qformer_text_input = True
-    if arg == "tiny":
-        return defaults.tiny(c)
+    if arg in ("tiny", "tiny_mixture"):
+        c = defaults.tiny(c)
+        if arg == "tiny_mixture":  # the 13 held-in entries on synthetic data
+            c.data.update(mixture=tiny_mixture(image_size=c.data.image_size), balance="sqrt")
+            c.total_steps = 60  # a random frozen tiny LLM moves little: a higher lr, more steps
+            c.optim.update(lr=2e-2, decay_steps=60)
+        return c
     if arg in ("vitg_flant5xl", "vitg_flant5xxl"):  # the paper: batch 192 (XL) / 64 (XXL), lr 1e-5
         c.model.llm = defaults.PAPER_LLMS[arg.removeprefix("vitg_")]
         c.batch_size = 192 if arg == "vitg_flant5xl" else 64
@@ -23,5 +29,7 @@ def get_config(arg: str = "tiny"):
         c.model.update(precision="bf16", scan_layers=True, remat_policy="full")
         c.data.update(max_text_len=128, max_prompt_len=128)  # LAVIS: max_txt_len 128 (instruction)
         c.mesh = dict(data=1, fsdp=-1, tensor=1)
+        # the paper's 13 held-in datasets, sqrt-balanced (blip_jax.data.held_in), under --config.data.root
+        c.data.update(mixture=held_in_mixture(), balance="sqrt", augment="blip2_train")
         return c
-    raise ValueError(f"unknown preset {arg!r}: tiny, vitg_flant5xl, vitg_flant5xxl")
+    raise ValueError(f"unknown preset {arg!r}: tiny, tiny_mixture, vitg_flant5xl, vitg_flant5xxl")

@@ -143,6 +143,32 @@ def test_merged_model_equals_base_plus_adapter(runs, bases):
     np.testing.assert_allclose(np.asarray(jax.jit(logits)(live)), np.asarray(jax.jit(logits)(merged)), atol=1e-5)
 
 
+def test_adapter_dropout_acts_in_training_only():
+    """With `lora.dropout`, x is dropped before A when the apply has a "dropout" rng (training);
+    without one (evaluation, generation, the merged model) the output is the plain adapter's."""
+    import jax
+    import jax.numpy as jnp
+
+    from blip_jax.models import layers, lora
+
+    dense = layers.Dense(6, ("embed", "mlp"))
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    params = dense.init(jax.random.PRNGKey(1), x)["params"]
+    adapter = lora.init(jax.random.PRNGKey(2), {"dense/kernel": (5, 6)}, {"dense/kernel": (0, 1)},
+                        lora.LoraConfig(targets=("kernel",), dropout=0.5))
+    adapter = {k.removeprefix("dense/"): v for k, v in adapter.items()}
+    adapter["lora_b"] = jnp.ones_like(adapter["lora_b"])
+    with_dropout = {**params, **adapter}
+    no_dropout = {k: v for k, v in with_dropout.items() if k != "lora_dropout"}
+    run = lambda p, **kw: np.asarray(dense.apply({"params": p}, x, **kw))  # noqa: E731
+    np.testing.assert_array_equal(run(with_dropout), run(no_dropout))  # no rng: no dropout
+    trained = run(with_dropout, rngs={"dropout": jax.random.PRNGKey(3)})
+    assert np.abs(trained - run(no_dropout)).max() > 1e-3
+    assert not np.array_equal(trained, run(with_dropout, rngs={"dropout": jax.random.PRNGKey(4)}))
+    assert run(no_dropout, rngs={"dropout": jax.random.PRNGKey(3)}).tolist() == run(no_dropout).tolist()
+    assert "lora_dropout" not in traverse_util.flatten_dict(lora.merged(with_dropout), sep="/")
+
+
 def test_bad_input_is_one_line(runs, bases, tmp_path):
     """A target regex that matches nothing; an adapter onto another base."""
     import blip_jax

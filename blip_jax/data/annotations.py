@@ -6,7 +6,9 @@ Layouts (`layout="auto"` picks from the file's shape):
 
     lavis      a JSON list of per-record dicts, as LAVIS stores COCO / Flickr30k (Karpathy splits),
                NoCaps, VQAv2, OK-VQA, A-OKVQA, GQA and Visual Genome annotations: "image" plus
-               "caption" (a string, or a list for evaluation splits) or "question" + "answer"
+               "caption" (a string, or a list for evaluation splits) or "question" + "answer";
+               also LLaVA-Instruct-150K's entries ("image" + "conversations" of human / gpt
+               turns): each human turn and the gpt reply to it is one instruction / output record
     jsonl      the same records one per line (a malformed line is skipped and counted)
     karpathy   Karpathy's dataset_coco.json / dataset_flickr30k.json ({"images": [{"filepath",
                "filename", "sentences", "split"}]}); `split="train"` includes "restval", as the
@@ -98,6 +100,8 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
     image = next((entry[k] for k in _IMAGE_KEYS if isinstance(entry.get(k), str)), None)
     if image is None:
         return None
+    if "conversations" in entry:
+        return _conversation(entry, image) or None
     if "question" in entry:
         record = _common(entry, image, "vqa")
         record["question"] = entry["question"]
@@ -121,6 +125,18 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
     if expand:
         return [{**record, "caption": c} for c in captions]
     return [{**record, "captions": captions}]
+
+
+def _conversation(entry: dict, image: str) -> list[dict]:
+    """LLaVA-Instruct: (human turn, gpt reply) pairs as instruction records, the <image> marker removed
+    (InstructBLIP shows the image through the queries, not a token)."""
+    turns = [t for t in entry["conversations"] if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    out = []
+    for ask, reply in zip(turns, turns[1:]):
+        if ask.get("from") == "human" and reply.get("from") == "gpt":
+            instruction = ask["value"].replace("<image>", "").strip()
+            out.append({**_common(entry, image, "dialogue"), "instruction": instruction, "output": reply["value"]})
+    return out
 
 
 def _karpathy(data: dict, split: str) -> list:

@@ -28,8 +28,9 @@ _ANSWERED = ("vqa_short", "vqa_long", "ocr_vqa", "knowledge_vqa", "reasoning")
 
 
 def family_of(record: dict, family: str = "") -> str:
-    """The template family for `record`: `family` if given, else one derived from its task."""
-    family = family or DEFAULT_FAMILY.get(record.get("task", ""), "")
+    """The template family for `record`: its source's (`instruction_family`, a mixture tag), else
+    `family` if given, else one derived from its task."""
+    family = record.get("instruction_family") or family or DEFAULT_FAMILY.get(record.get("task", ""), "")
     if not family:
         family = "vqa_short" if "question" in record else "caption"
     if family not in TEMPLATES:
@@ -48,8 +49,9 @@ def sample_answer(record: dict, rng: np.random.Generator) -> str:
 
 def instruct(record: dict, family: str, rng: np.random.Generator) -> tuple[str, str]:
     """(instruction, output) for `record` (already cleaned texts) under a random template of `family`.
-    A record that already carries "instruction" and "output" is returned as it is."""
-    if "instruction" in record and "output" in record:
+    A record that already carries "instruction" and "output" (LLaVA-Instruct) is returned as it is,
+    unless its source names a template family."""
+    if "instruction" in record and "output" in record and not record.get("instruction_family"):
         return record["instruction"], record["output"]
     family = family_of(record, family)
     templates = TEMPLATES[family]

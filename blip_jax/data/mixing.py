@@ -44,24 +44,26 @@ def mixture_weights(sizes: dict[str, int], weights: dict[str, float] | None = No
 
 
 class _Tag:
-    """Adds the source name to each record (a class, not a lambda: grain workers pickle it)."""
+    """Adds the source name (and the source's `extra` fields) to each record (a class, not a
+    lambda: grain workers pickle it)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, extra: dict | None = None):
         self.name = name
+        self.extra = dict(extra or {})
 
     def __call__(self, record: dict) -> dict:
-        return {**record, "source": self.name}
+        return {**record, **self.extra, "source": self.name}
 
 
 def mixture(sources: dict[str, object], *, weights: dict[str, float] | None = None, balance: str = "ratio",
-            seed: int = 0) -> grain.MapDataset:
+            seed: int = 0, tags: dict[str, dict] | None = None) -> grain.MapDataset:
     """An endless, shuffled `grain.MapDataset` drawing from `sources` in proportion (module docstring).
-    Sources with weight 0 are left out."""
+    Sources with weight 0 are left out; `tags[name]` are fields added to each of that source's records."""
     probabilities = mixture_weights({name: len(src) for name, src in sources.items()}, weights, balance)
     parts, shares = [], []
     for i, (name, src) in enumerate(sorted(sources.items())):
         if probabilities[name] == 0:
             continue
-        parts.append(grain.MapDataset.source(src).shuffle(seed=seed + 1000 * (i + 1)).repeat(None).map(_Tag(name)))
+        parts.append(grain.MapDataset.source(src).shuffle(seed=seed + 1000 * (i + 1)).repeat(None).map(_Tag(name, (tags or {}).get(name))))
         shares.append(probabilities[name])
     return grain.MapDataset.mix(parts, shares)

@@ -9,6 +9,11 @@
     synthetic   num_records, seed, image_size, wrong_fraction (the built-in shapes data; a share of
                 wrong captions, for the CapFilt experiment)
 
+`root`, when set, is the directory (or bucket prefix) that a relative `path`, `image_root` and
+`annotations` are under; a mixture entry without its own takes the data block's. An entry's
+`instruction_family` tags its records with the InstructBLIP template family they are turned into
+instructions with (`blip_jax.data.instructions`).
+
 Every kind takes `task` (the records' task family, e.g. "caption" or "vqa") and `expand_captions`
 (one record per caption; "auto": yes, except for tfds, where it would cost a pass over the split
 at start-up; training then draws one of an image's captions each time it reads the image).
@@ -23,8 +28,21 @@ from typing import Mapping
 KINDS = ("synthetic", "json", "webdataset", "tfds", "packed")
 
 
+def under_root(spec: Mapping) -> dict:
+    """`spec` with its relative file settings joined onto its `root` (module docstring)."""
+    out = dict(spec)
+    root = str(out.get("root") or "")
+    if root:
+        for key in ("path", "image_root", "annotations"):
+            value = str(out.get(key) or "")
+            if value and not (value.startswith("/") or "://" in value):
+                out[key] = f"{root.rstrip('/')}/{value}"
+    return out
+
+
 def build_source(spec: Mapping):
     """A grain random-access source from one source's settings (module docstring)."""
+    spec = under_root(spec)
     get = spec.get
     kind = get("kind", "synthetic")
     if kind == "synthetic":
@@ -78,9 +96,12 @@ def build_records(data: Mapping, *, seed: int):
     if not mix:
         source = build_source(data)
         return source, dict(getattr(source, "skipped", {}) or {})
+    mix = {name: {**spec, "root": spec.get("root") or data.get("root", "")} for name, spec in mix.items()}
     sources = {name: build_source(spec) for name, spec in mix.items()}
     skipped: dict[str, int] = {}
     for source in sources.values():
         add_counts(skipped, getattr(source, "skipped", {}) or {})
     weights = {name: spec.get("weight", 1.0) for name, spec in mix.items()}
-    return mixture(sources, weights=weights, balance=data.get("balance", "ratio"), seed=seed), skipped
+    tags = {name: {"instruction_family": spec["instruction_family"]} for name, spec in mix.items()
+            if spec.get("instruction_family")}
+    return mixture(sources, weights=weights, balance=data.get("balance", "ratio"), seed=seed, tags=tags), skipped

@@ -66,7 +66,12 @@ class Dense(nn.Module):
             y = y + bias.astype(jnp.float32)
         if self.has_variable("params", "lora_a"):  # a LoRA adapter beside the kernel (blip_jax.models.lora)
             a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
-            xa = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
+            x_in = x
+            if self.has_variable("params", "lora_dropout") and self.has_rng("dropout"):  # training only
+                rate = self.get_variable("params", "lora_dropout")
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+                x_in = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+            xa = jax.lax.dot_general(x_in.astype(self.dtype), a.astype(self.dtype),
                                      ((contract, tuple(range(self.in_dims))), ((), ())),
                                      preferred_element_type=jnp.float32)
             y = y + self.get_variable("params", "lora_scale") * jnp.tensordot(xa, b.astype(jnp.float32), axes=1)

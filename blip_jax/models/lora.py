@@ -5,7 +5,9 @@ An adapted `layers.Dense` finds two more parameters beside its kernel, `lora_a` 
 accumulated in fp32: the base kernel is untouched (frozen, stored and sharded as it is) and the
 adapter's own product is not rounded into it, so bf16 towers lose nothing of a small update. B
 starts at zero, A as PEFT's (uniform +-1/sqrt(in)): training starts from the base model exactly.
-Scanned stacks carry a leading layers axis on all three, as on the kernel.
+Scanned stacks carry a leading layers axis on all three, as on the kernel. With `dropout` > 0 a
+frozen `lora_dropout` rate rides along too, and x is dropped out before A (PEFT's place) whenever the
+apply is given a "dropout" rng, i.e. in training only.
 
 The adapter is the tree of these leaves alone (`adapter_of`); `merged` folds it into the kernels
 (W + scale · A B) for a plain model, what `blip-jax export --merge-lora` writes.
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-LEAVES = ("lora_a", "lora_b", "lora_scale")
+LEAVES = ("lora_a", "lora_b", "lora_scale", "lora_dropout")
 TRAINABLE = (r"/lora_[ab]$",)  # what trains of an adapter (the scale is a setting)
 
 
@@ -47,8 +49,8 @@ class LoraConfig:
     def validate(self) -> None:
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.dropout:
-            raise ValueError(f"lora.dropout={self.dropout}: adapter dropout is not supported yet (use 0.0)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         for pattern in self.targets:
             try:
                 re.compile(pattern)
@@ -92,6 +94,8 @@ def init(key, shapes: dict[str, tuple[int, ...]], chosen: dict[str, tuple[int, i
         out[f"{module}/lora_a"] = a
         out[f"{module}/lora_b"] = jnp.zeros(lead + (config.rank,) + outs, jnp.float32)
         out[f"{module}/lora_scale"] = jnp.full(lead, config.scale, jnp.float32)
+        if config.dropout:
+            out[f"{module}/lora_dropout"] = jnp.full(lead, config.dropout, jnp.float32)
     return out
 
 

@@ -52,8 +52,9 @@ def dtypes(model) -> dict[str, str]:
 
 def source_defaults() -> dict:
     """One source's settings (`blip_jax.data.sources`); also each entry of `data.mixture`."""
-    return dict(kind="synthetic", path="", image_root="", layout="auto", split="train", annotations="",
+    return dict(kind="synthetic", root="", path="", image_root="", layout="auto", split="train", annotations="",
                 image_pattern="", tfds_name="", data_dir="", task="", expand_captions="auto",
+                instruction_family="",  # InstructBLIP: the template family of this source's records
                 num_records=10_000, image_size=64, wrong_fraction=0.0)  # the last three: synthetic data only
 
 
@@ -68,7 +69,7 @@ def data_defaults() -> ml_collections.ConfigDict:
         min_scale=0.5,  # random resized crop scale range [min_scale, 1]
         max_words=50,  # captions and questions are cut to this many words
         prompt="",  # prefix of every cleaned caption (BLIP's "a picture of ")
-        instruction_family="",  # template family for InstructBLIP; empty: each record's task decides
+        # instruction_family (a source setting): InstructBLIP's template family; empty: each record's task decides
         max_text_len=32,
         # LM stages (LAVIS's max_txt_len / max_output_txt_len): the prompt (instruction, question) is
         # cut to max_prompt_len tokens on the LLM tokenizer's side (InstructBLIP: left), the target
