@@ -1,5 +1,5 @@
 """`blip-jax` command line: convert, export, caption, generate, itm, vqa, demo, data, score, and train / eval
-(blip_jax.train.main, blip_jax.eval.main).
+(blip_jax.train.main, blip_jax.eval.main), eval-suite (blip_jax.eval.suite).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -404,6 +404,10 @@ def _dispatch(argv: list[str]) -> int:
         from blip_jax.eval.main import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["eval-suite"]:  # evaluation jobs in turn, one table (see blip_jax.eval.suite)
+        from blip_jax.eval.suite import main as suite_main
+
+        return suite_main(argv[1:])
     if argv[:1] == ["capfilt"]:  # the same, for CapFilt dataset bootstrapping (see blip_jax.capfilt)
         from blip_jax.capfilt import main as capfilt_main
 

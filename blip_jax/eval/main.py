@@ -34,22 +34,31 @@ def evaluator(task: str):
             "classification": classification}[task].evaluate
 
 
-def run(cfg, ckpt: str, workdir: str, *, progress: bool = True) -> dict:
-    """Load `ckpt`, place it on this process's devices and run `cfg`'s task; returns results."""
+def load_model(ckpt: str, cfg):
+    """The model at `ckpt`, placed on this process's devices for evaluation jobs."""
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
     import blip_jax
 
+    model = blip_jax.load(ckpt, batch_size=cfg.batch_size)
+    model.use_mesh(Mesh(np.array(jax.local_devices()), ("data",)))
+    return model
+
+
+def run(cfg, ckpt: str, workdir: str, *, progress: bool = True, model=None) -> dict:
+    """Run `cfg`'s task on the model at `ckpt` (loaded here unless `model`, loaded from it by
+    `load_model`, is given); returns results."""
+    import jax
+
     from blip_jax import jobs
     from blip_jax.eval.runner import has_outputs
 
-    model = blip_jax.load(ckpt, batch_size=cfg.batch_size)
+    model = model or load_model(ckpt, cfg)
     settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "gallery"}  # gallery: display only
     identity = {"job": "eval", "models": {"model": jobs.model_identity(model.path)}, "settings": settings}
     jobs.claim(workdir, identity, has_outputs=has_outputs(workdir), write=jax.process_index() == 0)
-    model.use_mesh(Mesh(np.array(jax.local_devices()), ("data",)))
     return evaluator(cfg.task)(model, cfg, workdir, progress=progress)
 
 
