@@ -1,4 +1,4 @@
-"""The BLIP model object (caption, vqa, vqa_rank, itm, itc), a sibling of `blip_jax.blip2_api`'s
+"""The BLIP model object (caption, vqa, vqa_rank, itm, itc, nlvr), a sibling of `blip_jax.blip2_api`'s
 over `blip_jax.model_base`; `load` (re-exported here) picks the class for a model directory.
 
 Every compiled function takes the config as a static argument and the parameters as traced ones,
@@ -63,6 +63,11 @@ def decode_step(config: BlipConfig):
 @functools.partial(jax.jit, static_argnums=0)
 def _itm_logits(config: BlipConfig, params, image_embeds, ids, mask):
     return Blip(config).apply({"params": params}, image_embeds, ids, mask, method=Blip.itm_logits)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nlvr_logits(config: BlipConfig, params, embeds0, embeds1, ids, mask):
+    return Blip(config).apply({"params": params}, embeds0, embeds1, ids, mask, method=Blip.nlvr_logits)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -226,6 +231,29 @@ class BlipModel(ModelBase):
             candidates.append(topk[: stop - start])
             scores.append(pair_scores.reshape(rows, k)[: stop - start])
         return np.concatenate(candidates), np.concatenate(scores)
+
+    def nlvr_logits(self, left_images, right_images, statements) -> np.ndarray:
+        """NLVR2 class logits [N, num_classes] (false, true) of each (left image, right image,
+        statement) triple; one statement is broadcast over the pairs."""
+        self._require("nlvr")
+        left, right = self.preprocess(left_images), self.preprocess(right_images)
+        if len(left) != len(right):
+            raise ValueError(f"nlvr: {len(left)} left images but {len(right)} right images; give them in pairs")
+        index, texts = pair_up(len(left), texts_of(statements, "statements"))
+        if len(texts) != len(left) or list(index) != list(range(len(left))):
+            raise ValueError(f"nlvr: {len(texts)} statements for {len(left)} image pairs; give one per pair, or one")
+        out = []
+        for start, stop, rows in self._chunks(len(left)):
+            ids, mask = self._tokenize(texts[start:stop])
+            ids, mask = self._rows(ids, rows), self._rows(mask, rows)
+            e0 = encode_image(self.config, self.params, self._rows(left[start:stop], rows))
+            e1 = encode_image(self.config, self.params, self._rows(right[start:stop], rows))
+            out.append(np.asarray(_nlvr_logits(self.config, self.params, e0, e1, ids, mask))[: stop - start])
+        return np.concatenate(out)
+
+    def nlvr(self, left_images, right_images, statements) -> np.ndarray:
+        """Probability [N] that each statement is true of its (left, right) image pair (NLVR2)."""
+        return np.asarray(jax.nn.softmax(self.nlvr_logits(left_images, right_images, statements), -1)[:, 1])
 
     # ------------------------------------------------------------------ the heads ITM / ITC run
     def _itm_head(self, image_embeds, ids, mask):

@@ -21,7 +21,7 @@ from blip_jax.images import ImageProcessor
 # What each architecture of each family serves: the one registry every "unsupported" error reads.
 TASKS = {
     "BLIP": {"caption": ("caption",), "retrieval": ("itm", "itc"), "vqa": ("vqa",),
-             "pretrain": ("caption", "itm", "itc")},
+             "pretrain": ("caption", "itm", "itc"), "nlvr": ("nlvr",)},
     "BLIP-2": {"generation": ("caption", "generate", "vqa", "rank"), "retrieval": ("itm", "itc")},
 }
 GENERATION_CONFIG = "generation_config.json"

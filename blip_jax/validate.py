@@ -96,7 +96,7 @@ def source(cfg, prefix: str = "data", paths: bool = True, root: str = "") -> Non
     elif kind == "tfds":
         if not _get(cfg, f"{prefix}.tfds_name"):
             raise ConfigError(f"{prefix}.tfds_name", "", "must name a TFDS dataset")
-    elif kind == "synthetic":
+    elif kind in ("synthetic", "synthetic_pairs"):
         _int(cfg, f"{prefix}.num_records")
         _int(cfg, f"{prefix}.image_size", 8)
         _number(cfg, f"{prefix}.wrong_fraction", 0.0, 1.0)

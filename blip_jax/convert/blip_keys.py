@@ -35,6 +35,12 @@ _MODULES = VISION + [
     (r"/encoder/layers_(\d+)/self_attn/(query|key|value)/", r".encoder.layer.\1.attention.self.\2/"),
     (r"/encoder/layers_(\d+)/self_attn/out/", r".encoder.layer.\1.attention.output.dense/"),
     (r"/encoder/layers_(\d+)/self_attn/norm/", r".encoder.layer.\1.attention.output.LayerNorm/"),
+    # NLVR2's twin cross-attention (LAVIS BlipNLVR's names: transformers has no such class)
+    (r"/encoder/layers_(\d+)/cross_attn/(query|key|value)([01])/", r".encoder.layer.\1.crossattention.self\3.\2/"),
+    (r"/encoder/layers_(\d+)/cross_attn/out([01])/", r".encoder.layer.\1.crossattention.output.dense\2/"),
+    (r"/encoder/layers_(\d+)/cross_attn/merge/", r".encoder.layer.\1.crossattention.output.merge_layer/"),
+    (r"^cls_head_0/", "cls_head.0/"),
+    (r"^cls_head_1/", "cls_head.2/"),
     (r"/encoder/layers_(\d+)/cross_attn/(query|key|value)/", r".encoder.layer.\1.crossattention.self.\2/"),
     (r"/encoder/layers_(\d+)/cross_attn/out/", r".encoder.layer.\1.crossattention.output.dense/"),
     (r"/encoder/layers_(\d+)/cross_attn/norm/", r".encoder.layer.\1.crossattention.output.LayerNorm/"),

@@ -21,7 +21,7 @@ from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 
 # LAVIS arch (the part of MODEL_TYPE before "/") -> blip-jax BLIP architecture
 BLIP_CLASSES = {"blip_caption": "caption", "blip_retrieval": "retrieval", "blip_vqa": "vqa",
-                "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval"}
+                "blip_pretrain": "pretrain", "blip_feature_extractor": "retrieval", "blip_nlvr": "nlvr"}
 # BLIP-2 classes read so far -> blip-jax BLIP-2 architecture (stage 1: the Q-Former with its heads)
 BLIP2_CLASSES = {"blip2": "retrieval", "blip2_feature_extractor": "retrieval", "blip2_opt": "generation",
                  "blip2_t5": "generation", "blip2_vicuna_instruct": "generation", "blip2_t5_instruct": "generation"}
@@ -189,15 +189,26 @@ def blip_config(state: dict, architecture: str, tokenizer, heads: dict | None = 
     if vocab != len(tokenizer):
         raise ValueError(f"the checkpoint's text vocabulary has {vocab} tokens, the tokenizer {len(tokenizer)} "
                          "(LAVIS's is bert-base-uncased plus [DEC] and [ENC]): give its --tokenizer")
+    layers = _layers(state, text + "encoder.layer.")
+    twin = {}
+    if architecture == "nlvr":  # BlipNLVR: twin cross-attention, merge layers where the tensors have them
+        if text + "encoder.layer.0.crossattention.self0.query.weight" not in state:
+            raise ValueError("not a LAVIS BlipNLVR checkpoint: no crossattention.self0 / self1 (two-image) layers")
+        merged = [n for n in range(layers) if f"{text}encoder.layer.{n}.crossattention.output.merge_layer.weight" in state]
+        if merged != list(range(merged[0] if merged else layers, layers)):
+            raise ValueError(f"BlipNLVR checkpoint: merge layers in text layers {merged}, not a run to the last layer")
+        twin = dict(twin_cross_attention=True, merge_from_layer=merged[0] if merged else layers)
     text_config = TextConfig(
-        vocab_size=vocab, hidden_size=hidden,
+        **twin, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=state[text + "encoder.layer.0.intermediate.dense.weight"].shape[0],
-        num_layers=_layers(state, text + "encoder.layer."), num_heads=_heads(hidden, heads.get("text"), "text"),
+        num_layers=layers, num_heads=_heads(hidden, heads.get("text"), "text"),
         max_position_embeddings=state[text + "embeddings.position_embeddings.weight"].shape[0],
         encoder_hidden_size=width, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         sep_token_id=tokenizer.sep_token_id, enc_token_id=tokenizer.enc_token_id)
     embed_dim = state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256
-    return BlipConfig(architecture=architecture, vision=vision, text=text_config, embed_dim=embed_dim)
+    classes = state["cls_head.2.weight"].shape[0] if "cls_head.2.weight" in state else 2
+    return BlipConfig(architecture=architecture, vision=vision, text=text_config, embed_dim=embed_dim,
+                      num_classes=classes)
 
 
 def parse_heads(text: str | None) -> dict:

@@ -8,7 +8,9 @@ Layouts (`layout="auto"` picks from the file's shape):
                NoCaps, VQAv2, OK-VQA, A-OKVQA, GQA and Visual Genome annotations: "image" plus
                "caption" (a string, or a list for evaluation splits) or "question" + "answer";
                also LLaVA-Instruct-150K's entries ("image" + "conversations" of human / gpt
-               turns): each human turn and the gpt reply to it is one instruction / output record
+               turns): each human turn and the gpt reply to it is one instruction / output record;
+               and NLVR2's ("images": [left, right], "sentence", "label": "True" | "False"),
+               records with "image", "image1", "text" and label 1 (true) or 0
     jsonl      the same records one per line (a malformed line is skipped and counted)
     karpathy   Karpathy's dataset_coco.json / dataset_flickr30k.json ({"images": [{"filepath",
                "filename", "sentences", "split"}]}); `split="train"` includes "restval", as the
@@ -97,6 +99,9 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
     """Records of one LAVIS-style entry; None when it has no image or no text."""
     if not isinstance(entry, dict):
         return None
+    images = entry.get("images")
+    if isinstance(images, list) and len(images) == 2 and all(isinstance(i, str) for i in images):
+        return _nlvr(entry, images)
     image = next((entry[k] for k in _IMAGE_KEYS if isinstance(entry.get(k), str)), None)
     if image is None:
         return None
@@ -125,6 +130,19 @@ def _from_entry(entry, expand: bool) -> list[dict] | None:
     if expand:
         return [{**record, "caption": c} for c in captions]
     return [{**record, "captions": captions}]
+
+
+NLVR_LABELS = {"true": 1, "false": 0}
+
+
+def _nlvr(entry: dict, images: list[str]) -> list[dict] | None:
+    """NLVR2: a statement about two images and whether it is true (LAVIS's nlvr annotation files)."""
+    label = str(entry.get("label", "")).strip().lower()
+    if label not in NLVR_LABELS or not isinstance(entry.get("sentence"), str):
+        return None
+    record = _common(entry, images[0], "nlvr")
+    record.update(image1=images[1], text=entry["sentence"], label=NLVR_LABELS[label])
+    return [record]
 
 
 def _conversation(entry: dict, image: str) -> list[dict]:
@@ -206,11 +224,14 @@ class AnnotationSource:
                 add_counts(self.skipped, {"malformed_json": 1})
                 continue
             image = root.resolve(records[0]["image"])
-            if image is None:  # never opened (blip_jax.data.paths)
+            second = root.resolve(records[0]["image1"]) if "image1" in records[0] else None  # NLVR2's right image
+            if image is None or ("image1" in records[0] and second is None):  # never opened (blip_jax.data.paths)
                 add_counts(self.skipped, {"outside_root": len(records)})
                 continue
             for r in records:
                 r["image"] = image
+                if second is not None:
+                    r["image1"] = second
                 if task:
                     r["task"] = task
             self._records.extend(records)

@@ -1,6 +1,6 @@
 """One entry point from a config's data settings to a grain source (or a mixture of several).
 
-    data.kind = synthetic | json | webdataset | tfds | packed
+    data.kind = synthetic | synthetic_pairs | json | webdataset | tfds | packed
 
     json        path (annotation file), image_root, layout, split, annotations, image_pattern
     webdataset  path (directory, glob or one .tar of img2dataset shards)
@@ -8,6 +8,8 @@
     packed      path (a `blip-jax data pack` output)
     synthetic   num_records, seed, image_size, wrong_fraction (the built-in shapes data; a share of
                 wrong captions, for the CapFilt experiment)
+    synthetic_pairs  num_records, seed, image_size: two shapes images and a true or false
+                statement about them (NLVR2's form)
 
 `root`, when set, is the directory (or bucket prefix) that a relative `path`, `image_root` and
 `annotations` are under; a mixture entry without its own takes the data block's. An entry's
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-KINDS = ("synthetic", "json", "webdataset", "tfds", "packed")
+KINDS = ("synthetic", "synthetic_pairs", "json", "webdataset", "tfds", "packed")
 
 
 def under_root(spec: Mapping) -> dict:
@@ -50,6 +52,10 @@ def build_source(spec: Mapping):
 
         return SyntheticShapes(get("num_records", 10_000), seed=get("seed", 0), image_size=get("image_size", 64),
                                wrong_fraction=get("wrong_fraction", 0.0))
+    if kind == "synthetic_pairs":
+        from blip_jax.data.synthetic import SyntheticPairs
+
+        return SyntheticPairs(get("num_records", 10_000), seed=get("seed", 0), image_size=get("image_size", 64))
     if kind == "json":
         from blip_jax.data.annotations import AnnotationSource
 

@@ -198,3 +198,53 @@ class SyntheticShapes:
                 record["caption"] = caption(other)
             record["caption_is_wrong"] = record["caption"] != text
         return record
+
+
+PAIR_STATEMENTS = {"exists": "there is a {color} {shape}", "count": "there are {count} {plural}"}
+_PAIR_COUNTS = {0: "zero", 2: "two", 3: "three"}  # totals a plural statement can name
+
+
+def _pair_statement(rng: np.random.Generator, left, right, true: bool) -> str:
+    """A statement about both images together (NLVR2's form), `true` of them or not: a coloured
+    shape in either image, or a shape's total count over the two."""
+    both = list(left) + list(right)
+    totals = {kind: sum(s.kind == kind for s in both) for kind in SHAPES}
+    countable = [k for k in SHAPES if totals[k] in _PAIR_COUNTS]
+    if rng.integers(2) and (countable or not true):
+        kind = countable[rng.integers(len(countable))] if true else SHAPES[rng.integers(len(SHAPES))]
+        counts = [totals[kind]] if true else [n for n in _PAIR_COUNTS if n != totals[kind]]
+        count = _PAIR_COUNTS[counts[rng.integers(len(counts))]]
+        return PAIR_STATEMENTS["count"].format(count=count, plural=PLURALS[kind])
+    present = sorted({(s.color, s.kind) for s in both})
+    pool = present if true else [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
+    color, kind = pool[rng.integers(len(pool))]
+    return PAIR_STATEMENTS["exists"].format(color=color, shape=kind)
+
+
+class SyntheticPairs:
+    """Grain random-access source of NLVR2-style records: two synthetic-shapes images and a statement
+    about them, true for half the records (drawn per record).
+
+    record = {"image", "image1": uint8 [H, W, 3], "text": str, "label": 1 (true) | 0, "index": int}
+    """
+
+    def __init__(self, num_records: int = 10_000, *, seed: int = 0, image_size: int = 64):
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16 for shapes to stay recognisable, got {image_size}")
+        self.num_records, self.seed, self.image_size = num_records, seed, image_size
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __repr__(self) -> str:
+        return f"SyntheticPairs(num_records={self.num_records}, seed={self.seed}, image_size={self.image_size})"
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self.num_records:
+            raise IndexError(f"record {index} out of range [0, {self.num_records})")
+        rng = np.random.default_rng([self.seed, index, 2])
+        (left, bg0), (right, bg1) = _scene(rng), _scene(rng)
+        true = bool(rng.integers(2))
+        return {"image": render(left, bg0, self.image_size, rng), "image1": render(right, bg1, self.image_size, rng),
+                "text": _pair_statement(rng, left, right, true), "label": int(true), "index": index}

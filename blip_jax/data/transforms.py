@@ -288,7 +288,7 @@ _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
 MAX_TEXT_CHARS = 65_536  # longer than any real caption, question or instruction: refused, not tokenized
-_TEXT_FIELDS = ("caption", "question", "instruction", "output")  # one string each
+_TEXT_FIELDS = ("caption", "question", "instruction", "output", "text")  # one string each (text: NLVR2's)
 _TEXT_LISTS = ("captions", "answers", "choices")  # lists of strings
 
 

@@ -7,6 +7,8 @@
   pretrain   all of them plus the learnable ITC temperature `temp`: what BLIP pre-trains (ITC, ITM,
              LM) and fine-tunes for retrieval; its decoder shares every parameter but the
              self-attention with the encoder (see `blip_jax.models.tying`)
+  nlvr       vision + text_encoder whose cross-attention is split over two images (BLIP's NLVR2
+             model, LAVIS `BlipNLVR`; transformers has none) + cls_head on the first token
 Methods are called with `model.apply(variables, ..., method=Blip.<name>)`.
 """
 
@@ -37,7 +39,7 @@ class Blip(nn.Module):
         stack = dict(scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
         arch = cfg.architecture
         self.vision = VisionTransformer(cfg.vision, **kw, **stack)
-        if arch in ("retrieval", "vqa", "pretrain"):
+        if arch in ("retrieval", "vqa", "pretrain", "nlvr"):
             self.text_encoder = TextTransformer(cfg.text, **kw, **stack)
         if arch in ("caption", "vqa", "pretrain"):
             self.text_decoder = TextTransformer(cfg.text, lm_head=True, **kw, **stack)
@@ -45,6 +47,9 @@ class Blip(nn.Module):
             self.vision_proj = layers.Dense(cfg.embed_dim, ("embed", None), **kw)
             self.text_proj = layers.Dense(cfg.embed_dim, ("embed", None), **kw)
             self.itm_head = layers.Dense(2, ("embed", None), **kw)
+        if arch == "nlvr":  # LAVIS: Linear(D, D) -> ReLU -> Linear(D, classes)
+            self.cls_head_0 = layers.Dense(cfg.text.hidden_size, ("embed", "mlp"), **kw)
+            self.cls_head_1 = layers.Dense(cfg.num_classes, ("mlp", None), **kw)
         if arch == "pretrain":  # ITC temperature, 0.07 at the start (BLIP)
             self.temp = self.param("temp", nn.initializers.constant(0.07), (), jnp.float32)
 
@@ -94,6 +99,13 @@ class Blip(nn.Module):
         """Question states for the answer decoder: the image-grounded encoding of the question."""
         return self.encode_grounded(image_embeds, input_ids, attention_mask, deterministic)
 
+    # ----------------------------------------------------------------- NLVR2
+    def nlvr_logits(self, image_embeds0, image_embeds1, input_ids, attention_mask, deterministic: bool = True):
+        """Class logits [B, num_classes] (NLVR2: false, true) of a statement about two images: the
+        image-grounded encoder's first token over both images' tokens."""
+        hidden = self.encode_grounded((image_embeds0, image_embeds1), input_ids, attention_mask, deterministic)
+        return self.cls_head_1(jax.nn.relu(self.cls_head_0(hidden[:, 0]))).astype(jnp.float32)
+
     # ----------------------------------------------------------------- full forward
     def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None, decoder_attention_mask=None,
                  deterministic: bool = True):
@@ -103,6 +115,8 @@ class Blip(nn.Module):
         arch = self.config.architecture
         if arch == "caption":
             out["logits"], _ = self.decode(input_ids, attention_mask, image_embeds, deterministic=deterministic)
+        elif arch == "nlvr":  # the same images twice at init; callers pass two sets to nlvr_logits
+            out["nlvr_logits"] = self.nlvr_logits(image_embeds, image_embeds, input_ids, attention_mask, deterministic)
         elif arch in ("retrieval", "pretrain"):
             out["itm_logits"] = self.itm_logits(image_embeds, input_ids, attention_mask, deterministic)
             image_feat = self.image_features(image_embeds)

@@ -79,6 +79,11 @@ class TextConfig:
     # evaluates (models trained here store it); -1 keeps [CLS], as transformers' BLIP runs
     enc_token_id: int = -1
     tie_word_embeddings: bool = True
+    # BLIP NLVR2: each layer's cross-attention split over two images (two query/key/value/out sets,
+    # one norm), their outputs averaged, or concatenated and merged by a linear layer from layer
+    # `merge_from_layer` on (LAVIS's BertSelfOutput: layer_num >= 6)
+    twin_cross_attention: bool = False
+    merge_from_layer: int = 6
 
     def __post_init__(self):
         _check_heads(self.hidden_size, self.num_heads, "text")
@@ -88,7 +93,7 @@ class TextConfig:
 class BlipConfig:
     """A BLIP model: which task heads it has (`architecture`) and how it computes."""
 
-    architecture: str = "caption"  # caption | retrieval | vqa | pretrain (every head, for training)
+    architecture: str = "caption"  # caption | retrieval | vqa | pretrain (every head, for training) | nlvr
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     embed_dim: int = 256  # ITC projection width (HF image_text_hidden_size)
@@ -96,8 +101,9 @@ class BlipConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # run each layer stack as one nn.scan (and store it stacked)
     remat_policy: str = "none"  # none | full | dots (nn.remat around each layer when training)
+    num_classes: int = 2  # nlvr: the classifier's classes (NLVR2: false, true)
 
-    ARCHITECTURES = ("caption", "retrieval", "vqa", "pretrain")
+    ARCHITECTURES = ("caption", "retrieval", "vqa", "pretrain", "nlvr")
 
     def __post_init__(self):
         if self.architecture not in self.ARCHITECTURES:
@@ -107,6 +113,9 @@ class BlipConfig:
                 raise ValueError(f"{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if (self.architecture == "nlvr") != self.text.twin_cross_attention:
+            raise ValueError("nlvr: the text encoder's cross-attention is split over two images "
+                             "(text.twin_cross_attention) exactly when the architecture is nlvr")
         if self.architecture == "vqa" and self.text.encoder_hidden_size != self.text.hidden_size:
             raise ValueError("vqa: the answer decoder cross-attends to question states, so the text "
                              "encoder_hidden_size must equal its hidden_size")

@@ -51,11 +51,44 @@ class Attention(nn.Module):
         return self.norm(h + x)
 
 
+class TwinCrossAttention(nn.Module):
+    """BLIP NLVR2's cross-attention over two images: one attention (query/key/value/out) per image,
+    their outputs averaged (or, with `merge`, concatenated and projected back), one residual norm."""
+
+    config: TextConfig
+    merge: bool
+    deterministic: bool = True
+    dtype: layers.Dtype = jnp.float32
+    param_dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, encoder_states, encoder_masks):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shape = (cfg.num_heads, cfg.hidden_size // cfg.num_heads)
+        outs = []
+        for i, (states, mask) in enumerate(zip(encoder_states, encoder_masks)):
+            q = layers.Dense(shape, ("embed", "heads", "kv"), name=f"query{i}", **kw)(x)
+            k = layers.Dense(shape, ("embed", "heads", "kv"), name=f"key{i}", **kw)(states)
+            v = layers.Dense(shape, ("embed", "heads", "kv"), name=f"value{i}", **kw)(states)
+            h = layers.attend(q, layers.heads_first(k), layers.heads_first(v), layers.padding_mask(mask),
+                              dtype=self.dtype)
+            h = nn.Dropout(cfg.attention_dropout)(h, deterministic=self.deterministic)
+            outs.append(layers.Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_dims=2, name=f"out{i}", **kw)(h))
+        if self.merge:
+            h = layers.Dense(cfg.hidden_size, ("mlp", "embed"), name="merge", **kw)(jnp.concatenate(outs, axis=-1))
+        else:
+            h = (outs[0] + outs[1]) / 2
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=self.deterministic)
+        return layers.layer_norm(cfg.layer_norm_eps, name="norm", **kw)(h + x)
+
+
 class TextLayer(nn.Module):
     config: TextConfig
     deterministic: bool = True
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
+    index: int = 0  # the layer's number (NLVR2's merge layers start at config.merge_from_layer)
 
     @nn.compact
     def __call__(self, x, mask, encoder_states, encoder_mask, cache_index, cache):
@@ -70,7 +103,10 @@ class TextLayer(nn.Module):
             k, v = new_cache["k"], new_cache["v"]
         x = self_attn(x, mask, k, v)
 
-        if cfg.cross_attention and (encoder_states is not None or cache is not None):
+        if cfg.twin_cross_attention and encoder_states is not None:  # NLVR2: (image 0, image 1)
+            x = TwinCrossAttention(cfg, self.index >= cfg.merge_from_layer, name="cross_attn", **kw)(
+                x, encoder_states, encoder_mask)
+        elif cfg.cross_attention and (encoder_states is not None or cache is not None):
             cross_attn = Attention(cfg, cfg.encoder_hidden_size, name="cross_attn", **kw)
             if encoder_states is not None:
                 ck, cv = cross_attn.keys_values(encoder_states)
@@ -132,8 +168,13 @@ class TextTransformer(nn.Module):
         mask = layers.causal_mask(attention_mask, query_positions) if causal else layers.padding_mask(attention_mask)
         if cache is not None:
             encoder_mask = cache["encoder_mask"]
+        elif isinstance(encoder_states, tuple):  # NLVR2's two images
+            encoder_mask = encoder_mask or tuple(jnp.ones(s.shape[:2], jnp.int32) for s in encoder_states)
         elif encoder_states is not None and encoder_mask is None:
             encoder_mask = jnp.ones(encoder_states.shape[:2], jnp.int32)
+        if cfg.twin_cross_attention and self.scan_layers and cfg.num_layers > cfg.merge_from_layer:
+            raise ValueError("nlvr: the text encoder's layers differ (merge layers from "
+                             f"{cfg.merge_from_layer} on): it cannot be scanned (scan_layers=False)")
 
         x, layer_cache = LayerStack(
             TextLayer,

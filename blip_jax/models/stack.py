@@ -6,7 +6,8 @@ layouts so a checkpoint written in one can be used in the other. With `remat_pol
 rematerialised in the backward pass.
 
 A layer is called as `layer(x, *args, cache) -> (x, new_cache)`: `args` are the same for every
-layer (masks, encoder states), `cache` is this layer's decoding cache or None. Scanned caches keep
+layer (masks, encoder states), `cache` is this layer's decoding cache or None. A block with an
+`index` field is told its layer number (unrolled only: scanned layers must be identical). Scanned caches keep
 the batch as their leading axis and the layer axis second, so generation can reorder beams
 with a gather on axis 0 whatever the layout.
 """
@@ -48,8 +49,9 @@ class LayerStack(nn.Module):
             )
             return scanned(**self.block_args, name="layers")(x, *args, cache)
         new_cache = [] if cache is not None else None
+        numbered = "index" in getattr(self.block, "__dataclass_fields__", {})
         for i in range(self.num_layers):
-            x, layer_cache = block(**self.block_args, name=f"layers_{i}")(
+            x, layer_cache = block(**self.block_args, **({"index": i} if numbered else {}), name=f"layers_{i}")(
                 x, *args, None if cache is None else cache[i]
             )
             if cache is not None:

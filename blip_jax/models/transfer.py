@@ -6,10 +6,13 @@ encoder and a decoder that from then on train apart (LAVIS loads the pre-trained
 the question encoder and, through the tied weights, the answer decoder), the retrieval model the
 encoder and heads. The ViT's position table is bicubic-resized when the grid changes (BLIP's
 `interpolate_pos_embed`: the CLS position kept, the patch grid resized with
-`interpolate(mode="bicubic", align_corners=False)`).
+`interpolate(mode="bicubic", align_corners=False)`). NLVR2's model takes the encoder with its
+cross-attention copied into both image branches.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from flax import traverse_util
@@ -29,6 +32,16 @@ def resize_positions(pos, grid: int) -> np.ndarray:
     return np.concatenate([pos[:, :1], patches.reshape(1, grid * grid, -1)], axis=1)
 
 
+_TWIN = re.compile(r"/cross_attn/(query|key|value|out)[01]/")
+
+
+def twin_source(path: str) -> str:
+    """The single cross-attention parameter an NLVR2 twin (`cross_attn/query0/kernel`) is initialised
+    from (LAVIS BlipNLVR.load_from_pretrained copies each into both); other paths are unchanged.
+    The merge layers have no source: they start fresh."""
+    return _TWIN.sub(r"/cross_attn/\1/", path)
+
+
 def transfer(source: dict, target_shapes: dict) -> tuple[dict, list[str]]:
     """Source parameters (a full tree: a tied decoder given whole) -> the target's tree.
 
@@ -41,6 +54,10 @@ def transfer(source: dict, target_shapes: dict) -> tuple[dict, list[str]]:
     out = {}
     for path, want in flat_target.items():
         if path not in flat_src:
+            path_src = twin_source(path)  # NLVR2's two cross-attentions start as the one they split
+            if path_src not in flat_src:
+                continue
+            out[path] = np.asarray(flat_src[path_src]).astype(want.dtype)
             continue
         value = flat_src[path]
         if tuple(value.shape) != tuple(want.shape):

@@ -105,9 +105,13 @@ class Task:
         transforms.check_record(record)  # as `blip-jax data check` does
         if "caption" not in record and record.get("captions"):  # unexpanded: one caption per visit
             record = {**record, "caption": record["captions"][int(rng.integers(len(record["captions"])))]}
-        image = transforms.decode_image(record["image"])
-        pixels = (self.train_image if train else self.eval_image)(image, rng)
-        return {"pixels": pixels, **self.stage.example(self, record, rng)}
+        image_transform = self.train_image if train else self.eval_image
+        out = {"pixels": image_transform(transforms.decode_image(record["image"]), rng)}
+        if self.stage.two_images:  # NLVR2: the right image, transformed on its own
+            if "image1" not in record:
+                raise BadRecord("malformed_json", f"{self.stage.name} trains on image pairs; the record has one image")
+            out["pixels1"] = image_transform(transforms.decode_image(record["image1"]), rng)
+        return {**out, **self.stage.example(self, record, rng)}
 
     def eval_batch(self, records: list[dict]) -> dict:
         """Records -> one stacked batch with the evaluation image transform (bad records raise)."""
@@ -137,7 +141,9 @@ class Task:
 def batch_shapes(cfg, image_size: int, encoder_decoder: bool) -> dict:
     """The global batch `Task.transform` produces, as ShapeDtypeStructs (for ahead-of-time compiles)."""
     pixels = jax.ShapeDtypeStruct((cfg.batch_size, image_size, image_size, 3), np.float32)
-    return {"pixels": pixels, **stage_of(cfg).batch_shapes(cfg, encoder_decoder)}
+    stage = stage_of(cfg)
+    return {"pixels": pixels, **({"pixels1": pixels} if stage.two_images else {}),
+            **stage.batch_shapes(cfg, encoder_decoder)}
 
 
 def tokenizers(cfg) -> tuple[BlipTokenizer | None, BlipTokenizer | None]:

@@ -1,6 +1,7 @@
 """What a run learned, shown at its end on held-out synthetic records (a seed the run never reads):
 stage 1 and BLIP pre-training / retrieval report ITC retrieval accuracy (R@1 both ways); LM stages,
-BLIP captioning and VQA print greedy outputs beside the references (VQA: exact-match accuracy). Written to W/report.json and returned."""
+BLIP captioning and VQA print greedy outputs beside the references (VQA: exact-match accuracy);
+NLVR2 its classifier's accuracy. Written to W/report.json and returned."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip_jax import generation
-from blip_jax.data.synthetic import SyntheticShapes
+from blip_jax.data.synthetic import SyntheticPairs, SyntheticShapes
 from blip_jax.models.blip import Blip
 from blip_jax.models.blip2 import Blip2
 from blip_jax.models.tying import applied_form
@@ -20,7 +21,9 @@ SHOWN = 4  # examples of generated text in a report
 
 
 def held_out_records(cfg, n: int) -> list[dict]:
-    source = SyntheticShapes(n, seed=cfg.data.seed + HELD_OUT_SEED, image_size=cfg.data.image_size)
+    pairs = cfg.objective == "blip_nlvr"  # NLVR2: image pairs and statements
+    source = (SyntheticPairs if pairs else SyntheticShapes)(n, seed=cfg.data.seed + HELD_OUT_SEED,
+                                                            image_size=cfg.data.image_size)
     return [source[i] for i in range(n)]
 
 
@@ -63,6 +66,19 @@ def blip_generation(cfg, st, task, params, records, batch, shown: int = SHOWN) -
                              max_new_tokens=cfg.data.max_text_len)
     return {"held_out": shown, "examples": [{"generated": c, "reference": r["caption"]}
                                             for c, r in zip(captions, records)]}
+
+
+def blip_nlvr(cfg, st, task, params, records, batch) -> dict:
+    """NLVR2: accuracy of the true / false classifier on held-out statements about image pairs."""
+    v = {"params": params}
+    model = Blip(st.config)
+    left = model.apply(v, jnp.asarray(batch["pixels"]), method=Blip.encode_image)
+    right = model.apply(v, jnp.asarray(batch["pixels1"]), method=Blip.encode_image)
+    logits = model.apply(v, left, right, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]),
+                         method=Blip.nlvr_logits)
+    labels = np.asarray(batch["label"])
+    return {"held_out": len(records), "accuracy": float(np.mean(np.asarray(logits).argmax(-1) == labels)),
+            "true_share": float(labels.mean())}
 
 
 def qformer_retrieval(cfg, st, task, params, records, batch) -> dict:

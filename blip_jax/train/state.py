@@ -84,12 +84,15 @@ def blip_model_config(cfg, stage: Stage, vocab: dict | None = None) -> BlipConfi
         text = base.text
         if vocab and vocab.get("qformer_enc_token_id") is not None:  # trained here: [ENC] as LAVIS
             text = dataclasses.replace(text, enc_token_id=vocab["qformer_enc_token_id"])
+        # NLVR2 from a pre-trained BLIP: its cross-attention split in two (`transfer.twin_source`)
+        text = dataclasses.replace(text, twin_cross_attention=architecture == "nlvr")
         return base.replace(architecture=architecture, vision=vision, text=text, **run)
     vocab = vocab or {}
     ids = {"vocab_size": vocab.get("qformer_vocab_size"), "bos_token_id": vocab.get("qformer_bos_token_id"),
            "pad_token_id": vocab.get("qformer_pad_token_id"), "sep_token_id": vocab.get("qformer_sep_token_id"),
            "enc_token_id": vocab.get("qformer_enc_token_id")}
-    text = TextConfig(**{**m.text.to_dict(), **{k: v for k, v in ids.items() if v is not None}})
+    text = TextConfig(**{**m.text.to_dict(), **{k: v for k, v in ids.items() if v is not None}},
+                      twin_cross_attention=architecture == "nlvr")
     return BlipConfig(architecture=architecture, vision=VisionConfig(**m.vision.to_dict()), text=text,
                       embed_dim=m.embed_dim, **run)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from blip_jax.train.objectives import blip, blip2
 from blip_jax.train.objectives.stage import Stage
 
-STAGES = {s.name: s for s in (blip2.STAGE1, blip2.STAGE1_RETRIEVAL, blip2.LM, blip.PRETRAIN, blip.RETRIEVAL, blip.CAPTION, blip.VQA)}
+STAGES = {s.name: s for s in (blip2.STAGE1, blip2.STAGE1_RETRIEVAL, blip2.LM, blip.PRETRAIN, blip.RETRIEVAL, blip.CAPTION, blip.VQA, blip.NLVR)}
 
 
 def stage_of(cfg) -> Stage:

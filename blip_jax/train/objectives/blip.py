@@ -15,10 +15,13 @@ the LM loss with the prompt ("a picture of ") left out of the targets. VQA fine-
 architecture, encoder and decoder untied) encodes the question over the image and decodes
 every answer of the question over the question states: per-answer sequence losses (summed over
 tokens, label smoothing 0.1) weighted by the answers' weights, summed, divided by the batch size.
+NLVR2 fine-tuning (the "nlvr" architecture, LAVIS BlipNLVR) is the cross-entropy of the classifier
+on the [ENC] token of the statement encoded over both images.
 
 Batches (host arrays, batch-major; `pixels` [B, H, W, 3] is the task's):
   all         text_ids, text_mask [B, T]: BERT tokens ([CLS] text [SEP]); retrieval also image_index [B]
               (texts of one image share it)
+  nlvr        pixels1 [B, H, W, 3] (the right image); label [B] (1: the statement is true)
   vqa         question_ids, question_mask [B, T]: BERT tokens of the question; answer_ids, answer_mask
               [B, K, A]: each question's K answers ([CLS] answer [SEP]); answer_weights [B, K] (0 for
               padding answers)
@@ -234,6 +237,27 @@ def vqa(model, params, batch, rng, cfg, extra):
     return loss, {"vqa": loss}, extra
 
 
+def nlvr_cross_entropy(logits, labels):
+    """Mean cross-entropy of class `logits` [B, C] against integer `labels` [B] (torch's F.cross_entropy)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+def nlvr(model, params, batch, rng, cfg, extra):
+    """NLVR2 fine-tuning: the statement ([ENC] text) over both images, cross-entropy of its class."""
+    v = {"params": params}
+    r0, r1, r_text = jax.random.split(rng, 3)
+
+    def apply(method, key, *args):
+        return model.apply(v, *args, method=method, rngs={"dropout": key}, deterministic=False)
+
+    left, right = apply(Blip.encode_image, r0, batch["pixels"]), apply(Blip.encode_image, r1, batch["pixels1"])
+    logits = apply(Blip.nlvr_logits, r_text, left, right, batch["text_ids"], batch["text_mask"])
+    loss = nlvr_cross_entropy(logits, batch["label"])
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    return loss, {"nlvr": loss, "accuracy": accuracy}, extra
+
+
 # ------------------------------------------------------------------------- examples
 def caption_example(task, record, rng) -> dict:
     """The caption's BERT tokens (pre-training, captioning)."""
@@ -272,6 +296,18 @@ def vqa_example(task, record, rng) -> dict:
             "answer_mask": np.stack([r[1] for r in rows]), "answer_weights": a_weights}
 
 
+def nlvr_example(task, record, rng) -> dict:
+    """The statement's BERT tokens and its label (1: true of the image pair)."""
+    if "text" not in record or record.get("label") not in (0, 1):
+        raise BadRecord("bad_text", "blip_nlvr trains on statements with a label (0 or 1); the record lacks them")
+    ids, mask = task.bert_tokens(transforms.pre_caption(record["text"], task.cfg.data.max_words))
+    return {"text_ids": ids, "text_mask": mask, "label": np.int32(record["label"])}
+
+
+def nlvr_shapes(cfg, encoder_decoder: bool) -> dict:
+    return {**caption_shapes(cfg, encoder_decoder), "label": jax.ShapeDtypeStruct((cfg.batch_size,), np.int32)}
+
+
 def caption_shapes(cfg, encoder_decoder: bool) -> dict:
     tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.max_text_len), np.int32)
     return {"text_ids": tokens, "text_mask": tokens}
@@ -308,5 +344,7 @@ RETRIEVAL = Stage("blip_retrieval", loss=retrieval, example=retrieval_example, b
 CAPTION = Stage("blip_caption", loss=caption, example=caption_example, batch_shapes=caption_shapes,
                 report=report.blip_generation, architecture="caption", prepare=prompt_length, lr=1e-5,
                 image_size=384, **_BLIP)
+NLVR = Stage("blip_nlvr", loss=nlvr, example=nlvr_example, batch_shapes=nlvr_shapes, report=report.blip_nlvr,
+             architecture="nlvr", lr=2.5e-5, image_size=384, two_images=True, **_BLIP)
 VQA = Stage("blip_vqa", loss=vqa, example=vqa_example, batch_shapes=vqa_shapes, report=report.blip_generation,
             architecture="vqa", lr=2e-5, image_size=480, **_BLIP)

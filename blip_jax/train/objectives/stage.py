@@ -28,6 +28,7 @@ class Stage:
     prepare: Callable[..., None] | None = None  # (cfg, bert tokenizer, llm tokenizer): loss settings they give
     lr: float = 0.0  # the paper's learning rate, where presets share it (BLIP)
     image_size: int = 0  # the paper's resolution, where presets share it (BLIP)
+    two_images: bool = False  # each example has a second image, `pixels1` (NLVR2)
 
     @property
     def accumulates(self) -> bool:
