@@ -203,7 +203,7 @@ def export_transformers(src: str | Path, out: str | Path, *, overwrite: bool = F
 
 
 # blip-jax BLIP architecture -> the LAVIS class whose state dict `export_lavis` writes
-LAVIS_CLASSES = {"caption": "blip_caption", "retrieval": "blip_retrieval", "vqa": "blip_vqa"}
+LAVIS_CLASSES = {"caption": "blip_caption", "retrieval": "blip_retrieval", "vqa": "blip_vqa", "nlvr": "blip_nlvr"}
 def _lavis_blip2_class(config: Blip2Config) -> str:
     """The LAVIS class a blip-jax BLIP-2 model is (stage 1: `blip2`)."""
     from blip_jax.convert import lavis
@@ -310,6 +310,8 @@ def export_lavis(src: str | Path, out: str | Path, *, trimmed: bool = False, ove
     elif config.architecture == "pretrain":
         lavis_class = "blip_pretrain"
         state, report["momentum_and_queues"] = _lavis_pretrain_state(src, config, flat)
+    elif config.architecture == "nlvr":
+        lavis_class, state = "blip_nlvr", _lavis_nlvr_state(config, flat)
     else:
         lavis_class, state = LAVIS_CLASSES[config.architecture], _lavis_blip_state(src, config, flat)
     atomic.write_file(out, lambda f: torch.save({"model": state}, f))
@@ -324,6 +326,35 @@ def _lavis_blip_state(src: Path, config: BlipConfig, flat: dict) -> dict:
     from blip_jax.convert.lavis import VIT, rename
 
     return _with_text_buffers({rename(k, VIT.to_lavis): v for k, v in tensors.items()})
+
+
+_TWIN_KEY = re.compile(r"crossattention\.(self|output\.dense)[01]\.")
+
+
+def _lavis_nlvr_state(config: BlipConfig, flat: dict) -> dict:
+    """BlipNLVR's state dict (transformers has no NLVR class): each tensor in the shape of its
+    retrieval-model counterpart (a twin takes its single cross-attention's), the merge layers
+    [D, 2D], the head's two layers; the ViT's timm names."""
+    import dataclasses
+
+    from blip_jax.convert.lavis import VIT, rename
+
+    text = config.text
+    shapes = _torch_shapes(config.replace(architecture="retrieval",
+                                          text=dataclasses.replace(text, twin_cross_attention=False)))
+    special = {"merge_layer.weight": (text.hidden_size, 2 * text.hidden_size), "cls_head.0.weight":
+               (text.hidden_size, text.hidden_size), "cls_head.2.weight": (config.num_classes, text.hidden_size)}
+    state = {}
+    for path in list(flat):
+        key, kind = blip_keys.hf_key(path)
+        shape = next((v for k, v in special.items() if key.endswith(k)), None)
+        if shape is None:
+            single = _TWIN_KEY.sub(lambda m: f"crossattention.{m.group(1)}.", key)
+            shape = shapes.get(single, tuple(np.shape(flat[path])) if kind == "plain" else None)
+        if shape is None:
+            raise ValueError(f"{path} ({key}) has no place in LAVIS's BlipNLVR")
+        state[rename(key, VIT.to_lavis)] = _torch(to_torch(np.asarray(flat.pop(path)), kind, tuple(shape)))
+    return _with_text_buffers(state)
 
 
 def _with_text_buffers(state: dict) -> dict:

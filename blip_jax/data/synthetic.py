@@ -202,6 +202,7 @@ class SyntheticShapes:
 
 PAIR_STATEMENTS = {"exists": "there is a {color} {shape}", "count": "there are {count} {plural}"}
 _PAIR_COUNTS = {0: "zero", 2: "two", 3: "three"}  # totals a plural statement can name
+COUNT_SHARE = 0.25  # of statements that count (harder: a total over both images) rather than find a shape
 
 
 def _pair_statement(rng: np.random.Generator, left, right, true: bool) -> str:
@@ -210,7 +211,7 @@ def _pair_statement(rng: np.random.Generator, left, right, true: bool) -> str:
     both = list(left) + list(right)
     totals = {kind: sum(s.kind == kind for s in both) for kind in SHAPES}
     countable = [k for k in SHAPES if totals[k] in _PAIR_COUNTS]
-    if rng.integers(2) and (countable or not true):
+    if rng.random() < COUNT_SHARE and (countable or not true):
         kind = countable[rng.integers(len(countable))] if true else SHAPES[rng.integers(len(SHAPES))]
         counts = [totals[kind]] if true else [n for n in _PAIR_COUNTS if n != totals[kind]]
         count = _PAIR_COUNTS[counts[rng.integers(len(counts))]]

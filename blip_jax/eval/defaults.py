@@ -7,7 +7,7 @@ from ml_collections import config_dict
 
 from blip_jax.train.defaults import source_defaults
 
-TASKS = ("retrieval", "caption", "vqa", "choice", "classification")
+TASKS = ("retrieval", "caption", "vqa", "choice", "classification", "nlvr")
 
 
 def base(task: str) -> ml_collections.ConfigDict:

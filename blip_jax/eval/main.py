@@ -28,10 +28,10 @@ def _flags(argv: list[str]) -> flags.FlagValues:
 
 def evaluator(task: str):
     """The `evaluate(model, cfg, workdir, progress=...)` function of a task."""
-    from blip_jax.eval import captioning, choice, classification, retrieval, vqa
+    from blip_jax.eval import captioning, choice, classification, nlvr, retrieval, vqa
 
     return {"retrieval": retrieval, "caption": captioning, "vqa": vqa, "choice": choice,
-            "classification": classification}[task].evaluate
+            "classification": classification, "nlvr": nlvr}[task].evaluate
 
 
 def load_model(ckpt: str, cfg):

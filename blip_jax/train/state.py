@@ -85,7 +85,8 @@ def blip_model_config(cfg, stage: Stage, vocab: dict | None = None) -> BlipConfi
         if vocab and vocab.get("qformer_enc_token_id") is not None:  # trained here: [ENC] as LAVIS
             text = dataclasses.replace(text, enc_token_id=vocab["qformer_enc_token_id"])
         # NLVR2 from a pre-trained BLIP: its cross-attention split in two (`transfer.twin_source`)
-        text = dataclasses.replace(text, twin_cross_attention=architecture == "nlvr")
+        text = dataclasses.replace(text, twin_cross_attention=architecture == "nlvr",
+                                   merge_from_layer=m.text.get("merge_from_layer", text.merge_from_layer))
         return base.replace(architecture=architecture, vision=vision, text=text, **run)
     vocab = vocab or {}
     ids = {"vocab_size": vocab.get("qformer_vocab_size"), "bos_token_id": vocab.get("qformer_bos_token_id"),

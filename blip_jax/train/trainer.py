@@ -349,7 +349,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True) -> dict:
         if first is not None:
             last["compile_seconds"] = compile_seconds  # apart from metrics.jsonl's per-step figures
         last["model"] = str(export_model(workdir, st, task))
-        if cfg.report and jax.process_count() == 1 and cfg.data.kind == "synthetic" and not cfg.data.mixture:
+        if cfg.report and jax.process_count() == 1 and cfg.data.kind in ("synthetic", "synthetic_pairs") and not cfg.data.mixture:
             from blip_jax.train.report import report
 
             last["report"] = report(cfg, st, task)
