@@ -7,8 +7,9 @@ arguments + outputs + temporaries - aliased) stands in for a GPU's. No GPU compi
 the CPU backend is no stand-in: it widens every bf16 matmul's weights to fp32 copies (20 GiB for
 OPT-2.7B LoRA at batch 1, against 7.1 GiB on the TPU compiler). The presets' settings hold (bf16
 frozen towers, full remat). Peak memory is affine in the batch, so two compiles (batch 8 and 64)
-give the line, the largest batch under each card's usable memory is read off it, and that batch
-is compiled to confirm.
+give the line; the largest batch under each card's usable memory is read off it and compiled, and
+a secant step on the compiled peaks corrects it where the line was optimistic (remat's buffers
+grow in steps). Batches above 256 are not searched: ">= 256".
 Writes results/gpu_plans.json and prints the README's table.
 
     python benchmarks/gpu_plans.py                  # 4 presets, ~20-40 min on 2 cores
@@ -31,7 +32,7 @@ PRESETS = {"blip2_lora.py:opt2.7b": "LoRA r8 on q/v (LLM)", "blip2_stage2_opt.py
 # what a training process can use of a card's memory: the CUDA context and allocator reserve ~1 GiB
 CARDS_GIB = {"16 GB": 16e9 / 2**30 - 1.0, "24 GB": 24e9 / 2**30 - 1.0}
 PROBES = (8, 64)
-MAX_BATCH = 1024  # beyond this the answer is "any batch you would use"
+MAX_BATCH = 256  # beyond this the answer is "any batch you would use": reported as >= 256
 STAND_IN = "v6e:1x1"
 
 
@@ -50,23 +51,35 @@ def compile_plan(preset: str, batch: int) -> dict:
 
 
 def plan_preset(preset: str) -> dict:
-    probes = [compile_plan(preset, b) for b in PROBES]
-    (b0, m0), (b1, m1) = [(p["batch"], p["peak_gib"]) for p in probes]
+    compiled = {b: compile_plan(preset, b) for b in PROBES}
+    (b0, m0), (b1, m1) = [(b, compiled[b]["peak_gib"]) for b in PROBES]
     per_example = (m1 - m0) / (b1 - b0)
     fixed = m0 - per_example * b0
+
+    def peak(batch: int) -> float:
+        if batch not in compiled:
+            compiled[batch] = compile_plan(preset, batch)
+        return compiled[batch]["peak_gib"]
+
     cards = {}
     for card, usable in CARDS_GIB.items():
-        batch = min(MAX_BATCH, int((usable - fixed) // per_example) if per_example > 0 else MAX_BATCH)
-        if batch < 1:
+        if peak(1 if m0 > usable else b0) > usable:
             cards[card] = {"usable_gib": round(usable, 2), "max_batch": 0}
             continue
-        check = next((p for p in probes if p["batch"] == batch), None) or compile_plan(preset, batch)
-        while check["peak_gib"] > usable and batch > 1:  # the line is a model: trust the compile
-            batch -= 1
-            check = compile_plan(preset, batch)
-        cards[card] = {"usable_gib": round(usable, 2), "max_batch": batch, "peak_gib": check["peak_gib"]}
-    return {"preset": preset, "what": PRESETS.get(preset, ""), "parameters": probes[0]["parameters"],
-            "fixed_gib": round(fixed, 3), "gib_per_example": round(per_example, 4), "probes": probes, "cards": cards}
+        guess = min(MAX_BATCH, int((usable - fixed) // per_example) if per_example > 0 else MAX_BATCH)
+        low = max(b for b in compiled if compiled[b]["peak_gib"] <= usable)
+        for _ in range(4):  # secant steps from the largest batch known to fit: the compiler has the last word
+            if guess <= low or peak(guess) <= usable:
+                break
+            hi_peak, low_peak = peak(guess), peak(low)
+            guess = low + int((usable - low_peak) * (guess - low) / max(hi_peak - low_peak, 1e-9))
+        best = max(b for b in compiled if compiled[b]["peak_gib"] <= usable)
+        cards[card] = {"usable_gib": round(usable, 2), "max_batch": best, "peak_gib": compiled[best]["peak_gib"],
+                       "capped": best >= MAX_BATCH}
+    first = compiled[PROBES[0]]
+    return {"preset": preset, "what": PRESETS.get(preset, ""), "parameters": first["parameters"],
+            "fixed_gib": round(fixed, 3), "gib_per_example": round(per_example, 4),
+            "compiles": [{k: v for k, v in c.items() if k != "parameters"} for c in compiled.values()], "cards": cards}
 
 
 def table(rows: list[dict]) -> str:
@@ -74,8 +87,8 @@ def table(rows: list[dict]) -> str:
              "24 GB card: batch (peak GiB) |", "|---|---|---|---|---|---|"]
     for r in rows:
         p = r["parameters"]
-        cells = [f"{c['max_batch']} ({c['peak_gib']:.1f})" if c["max_batch"] else "does not fit"
-                 for c in r["cards"].values()]
+        cells = [f"{'>= ' if c.get('capped') else ''}{c['max_batch']} ({c['peak_gib']:.1f})" if c["max_batch"]
+                 else "does not fit" for c in r["cards"].values()]
         lines.append(f"| `{r['preset']}` | {r['what']} | {p['trainable'] / 1e6:.1f}M / {p['frozen'] / 1e9:.2f}B | "
                      f"{r['fixed_gib']:.2f} + {r['gib_per_example']:.3f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

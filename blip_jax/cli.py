@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the report to this JSON file")
     p.add_argument("--lavis", metavar="MODEL_TYPE", help="SRC is a LAVIS .pth of this arch/type, e.g. "
                    "blip_caption/base_coco (blip_caption, blip_retrieval, blip_vqa, blip_pretrain, "
-                   "blip_feature_extractor; BLIP-2: blip2, blip2_feature_extractor, blip2_opt)")
+                   "blip_feature_extractor, blip_nlvr; BLIP-2: blip2, blip2_feature_extractor, blip2_opt)")
     p.add_argument("--tokenizer", help="--lavis: the BERT tokenizer directory (vocab.txt); [DEC] / [ENC] are added")
     p.add_argument("--vision", help="--lavis: the ViT's own .pth for a checkpoint without it (trimmed BLIP-2 files; "
                    "EVA ViT-g: eva_vit_g.pth)")

@@ -21,7 +21,9 @@ SHOWN = 4  # examples of generated text in a report
 
 
 def held_out_records(cfg, n: int) -> list[dict]:
-    pairs = cfg.objective == "blip_nlvr"  # NLVR2: image pairs and statements
+    from blip_jax.train.objectives import stage_of
+
+    pairs = stage_of(cfg).two_images  # NLVR2: image pairs and statements
     source = (SyntheticPairs if pairs else SyntheticShapes)(n, seed=cfg.data.seed + HELD_OUT_SEED,
                                                             image_size=cfg.data.image_size)
     return [source[i] for i in range(n)]
