@@ -12,3 +12,12 @@ def load(path, **kwargs):
     from blip_jax.checkpoint import model_dir
 
     return _load(model_dir(path), **kwargs)
+
+
+def __getattr__(name):
+    """`blip_jax.search` (Index) without importing it, or JAX, at `import blip_jax`."""
+    if name == "search":
+        import importlib
+
+        return importlib.import_module("blip_jax.search")
+    raise AttributeError(f"module 'blip_jax' has no attribute {name!r}")

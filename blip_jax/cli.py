@@ -1,5 +1,6 @@
 """`blip-jax` command line: convert, export, caption, generate, itm, vqa, demo, data, score, and train / eval
-(blip_jax.train.main, blip_jax.eval.main), eval-suite (blip_jax.eval.suite).
+(blip_jax.train.main, blip_jax.eval.main), eval-suite (blip_jax.eval.suite), embed and search
+(blip_jax.embed, blip_jax.search).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -408,6 +409,14 @@ def _dispatch(argv: list[str]) -> int:
         from blip_jax.eval.suite import main as suite_main
 
         return suite_main(argv[1:])
+    if argv[:1] == ["embed"]:  # ITC features of an image or text set (see blip_jax.embed)
+        from blip_jax.embed import main as embed_main
+
+        return embed_main(argv[1:])
+    if argv[:1] == ["search"]:  # top-k over such an index (see blip_jax.search)
+        from blip_jax.search import main as search_main
+
+        return search_main(argv[1:])
     if argv[:1] == ["capfilt"]:  # the same, for CapFilt dataset bootstrapping (see blip_jax.capfilt)
         from blip_jax.capfilt import main as capfilt_main
 

@@ -181,6 +181,15 @@ class ModelBase:
         image_index, texts = pair_up(len(pixels), texts_of(texts, "texts"))
         return np.asarray(jax.nn.softmax(self._itm_rows(self._image_embeds(pixels), image_index, texts), -1)[:, 1])
 
+    def embed_images(self, images) -> np.ndarray:
+        """Unit-norm ITC features of images, as `blip-jax embed` stores them: BLIP [n, embed_dim],
+        BLIP-2 every query's [n, Q, embed_dim]."""
+        return self.image_features(images)
+
+    def embed_texts(self, texts) -> np.ndarray:
+        """Unit-norm ITC features of texts [n, embed_dim], as `blip-jax embed` stores them."""
+        return self.text_features(texts)
+
     def image_embeddings(self, images) -> np.ndarray:
         """The image tokens the ITM / captioning heads attend to [n_images, tokens, D] (float32)."""
         return np.asarray(self._image_embeds(self.preprocess(images)))

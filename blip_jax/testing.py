@@ -376,3 +376,29 @@ def perturbed_copy(src: str | os.PathLike, dst: str | os.PathLike, *, seed: int 
         flat[path] = (value + noise).astype(value.dtype)
     checkpoint.save_params(dst, traverse_util.unflatten_dict(flat, sep="/"))
     return dst
+
+
+def write_synthetic_index(directory: str | os.PathLike, features, *, model_path: str | os.PathLike,
+                          shard_size: int = 10_000, kind: str = "images", similarity: str = "dot") -> Path:
+    """An embedding index (`blip_jax.embed`'s layout) of given feature rows, for search tests and
+    benchmarks at sizes no tiny model is worth running for: rows "id" = their number."""
+    import json
+
+    import numpy as np
+
+    from blip_jax import jobs
+    from blip_jax.embed import IDS_FILE, INDEX_FILE
+
+    directory = Path(directory)
+    (directory / "shards" / kind).mkdir(parents=True, exist_ok=True)
+    features = np.asarray(features, np.float32)
+    shards = []
+    for i, start in enumerate(range(0, len(features), shard_size)):
+        part = features[start:start + shard_size]
+        np.savez(directory / "shards" / kind / f"{i:05d}.npz", features=part, ok=np.ones(len(part), bool))
+        shards.append({"file": f"shards/{kind}/{i:05d}.npz", "rows": len(part)})
+    (directory / IDS_FILE).write_text("".join(json.dumps({"id": str(i)}) + "\n" for i in range(len(features))))
+    (directory / INDEX_FILE).write_text(json.dumps({
+        "kind": kind, "model": jobs.model_identity(model_path), "similarity": similarity, "count": len(features),
+        "feature_shape": list(features.shape[1:]), "shards": shards}))
+    return directory
