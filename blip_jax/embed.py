@@ -36,8 +36,9 @@ KINDS = ("images", "texts")
 MAX_WORDS = 50  # texts (indexed and queried) are cleaned and cut as retrieval evaluation does
 
 
-def image_items(source: str) -> tuple[list[dict], dict]:
-    """(items {"id", "image"}, skipped counts) of an image folder, annotation file or WebDataset shards."""
+def image_items(source: str, image_root: str = "") -> tuple[list[dict], dict]:
+    """(items {"id", "image"}, skipped counts) of an image folder, annotation file (its images under
+    `image_root`, default its folder) or WebDataset shards."""
     from blip_jax.data.paths import Root
     from blip_jax.eval.classification import IMAGE_SUFFIXES
 
@@ -55,7 +56,7 @@ def image_items(source: str) -> tuple[list[dict], dict]:
     if path.suffix in (".json", ".jsonl"):
         from blip_jax.data.annotations import AnnotationSource
 
-        src = AnnotationSource(path, expand_captions=False)
+        src = AnnotationSource(path, image_root=image_root, expand_captions=False)
         seen, items = set(), []
         for i in range(len(src)):
             r = src[i]
@@ -98,7 +99,8 @@ def similarity_kind(model) -> str:
     return "max_over_queries" if model.family == "BLIP-2" else "dot"
 
 
-def embed(model, kind: str, source: str, workdir, *, shard_size: int = 1024, progress: bool = True) -> dict:
+def embed(model, kind: str, source: str, workdir, *, image_root: str = "", shard_size: int = 1024,
+          progress: bool = True) -> dict:
     """Embed `source` (`kind` images or texts) into `workdir`; returns the manifest (module docstring)."""
     import jax
 
@@ -111,13 +113,14 @@ def embed(model, kind: str, source: str, workdir, *, shard_size: int = 1024, pro
     start = time.time()
     workdir = paths.path(workdir)
     if kind == "images":
-        items, skipped = image_items(source)
+        items, skipped = image_items(source, image_root)
     else:
         items, skipped = text_items(source), {}
     if not items:
         raise ValueError(f"--{kind} {source}: nothing to embed")
     identity = {"job": "embed", "models": {"model": jobs.model_identity(model.path)},
-                "settings": {"kind": kind, "source": str(Path(source).resolve()), "items": len(items)}}
+                "settings": {"kind": kind, "source": str(Path(source).resolve()), "items": len(items),
+                             "image_root": str(image_root)}}
     folder = workdir / "shards" / kind
     jobs.claim(workdir, identity, has_outputs=folder.is_dir() and any(folder.glob("*.npz")),
                write=jax.process_index() == 0)
@@ -163,6 +166,8 @@ def main(argv: list[str]) -> int:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--images", help="an image folder, an annotation file (.json / .jsonl) or WebDataset shards")
     group.add_argument("--texts", help="a .txt file (one text per line), a JSON list of strings, or an annotation file")
+    p.add_argument("--image-root", default="", help="--images FILE.json: the folder its image paths are under "
+                   "(default: the file's folder)")
     p.add_argument("--workdir", required=True, help="the index directory to write (index.json, ids.jsonl, shards/)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per device batch")
     p.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard")
@@ -180,7 +185,7 @@ def main(argv: list[str]) -> int:
     model = blip_jax.load(args.ckpt, batch_size=args.batch_size)
     model._require("itc")
     model.use_mesh(Mesh(np.array(jax.local_devices()), ("data",)))
-    manifest = embed(model, "images" if args.images else "texts", source, args.workdir,
+    manifest = embed(model, "images" if args.images else "texts", source, args.workdir, image_root=args.image_root,
                      shard_size=args.shard_size, progress=args.progress)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
     return 0
