@@ -6,7 +6,8 @@
 A query (a text against an image index, an image against a text index) is embedded by the model,
 then scored against every row shard by shard, on device (one matmul per shard; BLIP-2's image
 rows score by their best query vector), keeping a running top-k, so an index larger than memory
-streams. Scores are the ITC cosine similarities retrieval uses. With `rerank=R` the R best are
+streams; shards are kept on the device after their first read while they fit `cache_bytes`
+(default 2 GiB), so repeated queries on an index that fits skip the disk. Scores are the ITC cosine similarities retrieval uses. With `rerank=R` the R best are
 re-scored as ITM match logit + similarity (LAVIS's retrieval protocol; its images re-read from
 their files) and the top k of those returned. An index written by another model than the query's
 is refused in one line.
@@ -27,8 +28,10 @@ from blip_jax.embed import IDS_FILE, INDEX_FILE
 class Index:
     """An embedding index directory (`blip_jax.embed`)."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, cache_bytes: int = 2 << 30):
         self.path = paths.path(workdir)
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, tuple] = {}  # shard number -> (device features, ok)
         manifest = self.path / INDEX_FILE
         if not manifest.is_file():
             raise FileNotFoundError(f"{workdir} is not an embedding index (no {INDEX_FILE}; make one with blip-jax embed)")
@@ -45,12 +48,24 @@ class Index:
             self._ids = [json.loads(line) for line in (self.path / IDS_FILE).read_text(encoding="utf-8").splitlines()]
         return self._ids
 
-    def shards(self):
-        """(row offset, features [n, ...] float32, ok [n]) of each shard, one at a time."""
-        offset = 0
-        for shard in self.manifest["shards"]:
-            with (self.path / shard["file"]).open("rb") as f, np.load(f) as data:
-                yield offset, data["features"], data["ok"].astype(bool)
+    def shards(self, device: bool = False):
+        """(row offset, features [n, ...] float32, ok [n]) of each shard, one at a time; `device`:
+        the features as a device array, from the cache where it holds them."""
+        import jax
+
+        offset, cached = 0, sum(f.nbytes for f, _ in self._cache.values())
+        for i, shard in enumerate(self.manifest["shards"]):
+            if i in self._cache:
+                features, ok = self._cache[i]
+            else:
+                with (self.path / shard["file"]).open("rb") as f, np.load(f) as data:
+                    features, ok = data["features"], data["ok"].astype(bool)
+                if device:
+                    features = jax.device_put(features)
+                    if cached + features.nbytes <= self.cache_bytes:
+                        self._cache[i] = (features, ok)
+                        cached += features.nbytes
+            yield offset, (features if device else np.asarray(features)), ok
             offset += shard["rows"]
 
     def check_model(self, model) -> None:
@@ -69,8 +84,8 @@ class Index:
 
         query = jnp.asarray(query, jnp.float32)
         best_rows, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        for offset, features, ok in self.shards():
-            scores = np.asarray(_scores(query, jnp.asarray(features), self.manifest["similarity"], self.kind))
+        for offset, features, ok in self.shards(device=True):
+            scores = np.asarray(_scores(query, features, self.manifest["similarity"], self.kind))
             scores = np.where(ok, scores, -np.inf)
             take = min(k, len(scores))
             local = np.argpartition(-scores, take - 1)[:take] if take < len(scores) else np.arange(len(scores))
