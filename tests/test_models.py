@@ -71,7 +71,9 @@ def test_bad_config_values_are_rejected():
     from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
 
     with pytest.raises(ValueError, match="unknown BLIP architecture"):
-        BlipConfig(architecture="nlvr")
+        BlipConfig(architecture="albef")
+    with pytest.raises(ValueError, match="split over two images"):
+        BlipConfig(architecture="nlvr")  # its text encoder must have twin cross-attention
     with pytest.raises(ValueError, match="not divisible"):
         TextConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="multiple of patch_size"):
