@@ -4,9 +4,9 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 REQUIREMENTS = [
-    line.strip()
+    line.split("#")[0].strip()
     for line in (HERE / "requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
+    if line.split("#")[0].strip()
 ]
 # torch is pinned to the CPU build that pip finds on local disk; an unpinned torch pulls CUDA wheels.
 # sentencepiece reads LLaMA / Vicuna tokenizer.model files (LAVIS's Vicuna directories have no tokenizer.json).

@@ -112,12 +112,20 @@ def generate_text(config: BlipConfig, params, encoder_states, encoder_mask, prom
     if max_len > config.text.max_position_embeddings:
         raise ValueError(f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({generation_config.max_new_tokens}) "
                          f"exceeds the decoder's {config.text.max_position_embeddings} positions")
+    return np.asarray(generate_sequences(config, params, encoder_states, encoder_mask, prompt_ids, generation_config))
+
+
+def generate_sequences(config: BlipConfig, params, encoder_states, encoder_mask, prompt_ids,
+                       generation_config: generation.GenerationConfig):
+    """`generate_text`'s ids as a device array: traceable, what exported programs run
+    (`blip_jax.convert.stablehlo`)."""
+    max_len = prompt_ids.shape[1] + generation_config.max_new_tokens
     if encoder_mask is None:
         encoder_mask = jnp.ones(encoder_states.shape[:2], jnp.int32)
     cache, shared = split_cache(_init_cache(config, params, encoder_states, encoder_mask, max_len))
-    out = generation.generate(decode_step(config), cache, prompt_ids, np.ones_like(prompt_ids), generation_config,
+    out = generation.generate(decode_step(config), cache, prompt_ids, jnp.ones_like(prompt_ids), generation_config,
                               params=(params, shared))
-    return np.asarray(out.sequences)
+    return out.sequences
 
 
 class BlipModel(ModelBase):

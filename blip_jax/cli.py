@@ -144,7 +144,14 @@ def cmd_export(args) -> int:
             return cmd_export(args)
     if args.to == "blip-jax":
         raise ValueError("--to blip-jax writes a model with an adapter folded in: give --merge-lora ADAPTER")
-    if args.to == "lavis":
+    if args.programs and args.to != "stablehlo":
+        raise ValueError("--programs applies to --to stablehlo")
+    if args.to == "stablehlo":
+        from blip_jax.convert.stablehlo import export_stablehlo
+
+        programs = [p for p in (args.programs or "").split(",") if p] or None
+        _emit(args, export_stablehlo(args.src, args.out, programs=programs, overwrite=args.overwrite))
+    elif args.to == "lavis":
         _emit(args, export_lavis(args.src, args.out, trimmed=args.trimmed, overwrite=args.overwrite))
     elif args.trimmed:
         raise ValueError("--trimmed applies to --to lavis")
@@ -342,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a blip-jax model as a transformers model directory or a LAVIS .pth")
     p.add_argument("src", help="blip-jax model directory (or a training workdir: its model/)")
     p.add_argument("out", help="transformers model directory, or LAVIS .pth file, to create")
-    p.add_argument("--to", choices=["transformers", "lavis", "blip-jax"], required=True,
+    p.add_argument("--to", choices=["transformers", "lavis", "blip-jax", "stablehlo"], required=True,
                    help="the target library: transformers (BLIP, BLIP-2, InstructBLIP), lavis (BLIP caption, "
-                        "retrieval, VQA; BLIP-2 stage 1, OPT, Flan-T5; InstructBLIP Vicuna, Flan-T5), or blip-jax "
-                        "(with --merge-lora: SRC with the adapter folded in)")
+                        "retrieval, VQA, NLVR; BLIP-2 stage 1, OPT, Flan-T5; InstructBLIP Vicuna, Flan-T5), blip-jax "
+                        "(with --merge-lora: SRC with the adapter folded in), or stablehlo (jax.export programs "
+                        "that run with JAX alone)")
+    p.add_argument("--programs", help="--to stablehlo: comma-separated programs (default: every one the model has: "
+                   "encode_image, image_features, text_features, itm, caption_greedy, caption_beam, nlvr)")
     p.add_argument("--merge-lora", metavar="ADAPTER",
                    help="fold this LoRA adapter (a run's W/adapter, or W) into SRC, the base it was trained on, first")
     p.add_argument("--trimmed", action="store_true",
