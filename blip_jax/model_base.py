@@ -62,15 +62,21 @@ class ModelBase:
             self.use_mesh(mesh)
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, dtype: str | None = None, adapter: str | Path | None = None, **kwargs):
+    def from_dir(cls, path: str | Path, *, dtype: str | None = None, adapter: str | Path | None = None,
+                 int8: bool = False, **kwargs):
         """The model in a blip-jax model directory (config, weights, tokenizers, image processor);
         `dtype` ("bfloat16") computes every tower in it, the weights kept as stored and cast at use;
-        `adapter` (a LoRA run's W/adapter, or W) is applied onto these weights and folded in."""
+        `adapter` (a LoRA run's W/adapter, or W) is applied onto these weights and folded in; `int8`
+        stores the ViT's and the LLM's kernels in int8 with per-channel scales (`models.quant`)."""
         config, params = checkpoint.load(path)
         if adapter is not None:
             from blip_jax.models import lora
 
             params = lora.apply_adapter(path, params, lora.find_adapter(adapter))
+        if int8:
+            from blip_jax.models import quant
+
+            params = quant.quantize(params, scanned=config.scan_layers)
         if dtype is not None:
             towers = ("dtype", "qformer_dtype") if hasattr(config, "qformer_dtype") else ("dtype",)
             config = config.replace(**dict.fromkeys(towers, dtype))

@@ -53,6 +53,9 @@ class Dense(nn.Module):
             "kernel", logical(self.kernel_init, self.kernel_axes), in_shape + features, self.param_dtype
         )
         contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        if self.has_variable("params", "kernel_scale"):  # int8 storage (blip_jax.models.quant)
+            scale = self.get_variable("params", "kernel_scale").astype(self.dtype)
+            kernel = kernel.astype(self.dtype) * scale.reshape((1,) * (kernel.ndim - scale.ndim) + scale.shape)
         # products accumulate (and the bias adds) in fp32 whatever the compute dtype: bf16 sums drift
         y = jax.lax.dot_general(
             x.astype(self.dtype),
