@@ -196,3 +196,23 @@ def test_eval_job_accuracy(converted, nlvr_split, tmp_path):
     expected = 100.0 * np.mean([(pi > 0.5) == (e["label"] == "True") for pi, e in zip(p, entries)])
     assert metrics["accuracy"] == round(expected, 2)
     assert (workdir / "gallery.html").is_file()
+
+
+def test_exported_nlvr_program_equals_the_library(converted, tmp_path):
+    """`--to stablehlo`: the nlvr program, run from its artifact, gives model.nlvr_logits."""
+    from jax import export
+
+    import blip_jax
+    from blip_jax.testing import sample_images
+
+    out = tmp_path / "hlo"
+    done = _cli("export", str(converted), str(out), "--to", "stablehlo", "--programs", "nlvr")
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = blip_jax.load(converted)
+    left, right = sample_images(3, size=48, seed=1), sample_images(3, size=48, seed=2)
+    texts = ["a red circle", "two squares", "there is a blue triangle"]
+    ids, mask = (np.asarray(a, np.int32) for a in model._tokenize(texts))
+    program = export.deserialize(bytearray((out / "nlvr.jaxexport").read_bytes()))
+    params = dict(np.load(out / "params.npz"))
+    got = np.asarray(program.call(params, model.preprocess(left), model.preprocess(right), ids, mask))
+    np.testing.assert_allclose(got, model.nlvr_logits(left, right, texts), atol=1e-5)
