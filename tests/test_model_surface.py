@@ -19,7 +19,8 @@ from blip_jax.testing import sample_images, write_tiny_blip2_checkpoint
 
 BLIP_ARCHS = ("caption", "retrieval", "vqa", "pretrain")
 BLIP2_KINDS = ("opt", "t5", "retrieval", "instruct_t5", "instruct_llama")
-MODELS = [f"blip_{a}" for a in BLIP_ARCHS] + [f"blip2_{k}" for k in BLIP2_KINDS]
+MODELS = [f"blip_{a}" for a in BLIP_ARCHS] + ["blip_nlvr"] + [f"blip2_{k}" for k in BLIP2_KINDS]
+LAVIS_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lavis")
 COMMANDS = ("caption", "itm", "vqa", "generate")
 
 
@@ -50,6 +51,11 @@ def model_dirs(converted, tmp_path_factory):
 
     dirs = {f"blip_{a}": converted(a) for a in ("caption", "retrieval", "vqa")}
     dirs["blip_pretrain"] = _blip_pretrain_dir(converted("retrieval"), tmp_path_factory.mktemp("pre") / "blip")
+    nlvr = tmp_path_factory.mktemp("nlvr") / "jax"  # LAVIS's BlipNLVR fixture (transformers has no such class)
+    done = _cli("convert", os.path.join(LAVIS_FIXTURES, "blip_nlvr", "model.pth"), nlvr, "--lavis", "blip_nlvr/nlvr",
+                "--tokenizer", os.path.join(LAVIS_FIXTURES, "bert_tokenizer"), "--heads", "vision=4,text=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dirs["blip_nlvr"] = nlvr
     for kind in BLIP2_KINDS:
         root = tmp_path_factory.mktemp(f"surface_{kind}")
         convert(write_tiny_blip2_checkpoint(root / "hf", kind), root / "jax", progress=False)
@@ -69,6 +75,7 @@ def _arguments(model, name):
         "text_features": lambda: np.ones((2, 8), np.float32),
         "mesh": lambda: jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
         "path": model.path, "task": model.tasks[0],
+        "left_images": images, "right_images": images, "statements": ["a dog"],
     }
     args, kwargs = [], {}
     for p in inspect.signature(getattr(model, name)).parameters.values():
