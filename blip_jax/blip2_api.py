@@ -82,6 +82,12 @@ def generate_tokens(config: Blip2Config, params, prefix, prompt_ids, prompt_mask
                     generation_config: generation.GenerationConfig) -> np.ndarray:
     """New token ids [B * num_return_sequences, max_new_tokens] continuing [soft prompt; prompt]
     (decoder LLMs, prompts left-padded) or decoded from [soft prompt; prompt] (T5, right-padded)."""
+    return np.asarray(new_token_array(config, params, prefix, prompt_ids, prompt_mask, generation_config))
+
+
+def new_token_array(config: Blip2Config, params, prefix, prompt_ids, prompt_mask,
+                    generation_config: generation.GenerationConfig):
+    """`generate_tokens` as a device array: traceable, what exported programs run."""
     llm_params = params["language_model"]
     new = generation_config.max_new_tokens
     if config.family.encoder_decoder:
@@ -95,11 +101,11 @@ def generate_tokens(config: Blip2Config, params, prefix, prompt_ids, prompt_mask
         step = config.family.decode_step(config.llm, scan_layers=config.scan_layers, dtype=DTYPES[config.dtype])
         out = generation.generate(step, cache, start, jnp.ones_like(start), generation_config,
                                   params=(llm_params, shared))
-        return np.asarray(out.sequences)[:, 1:]
+        return out.sequences[:, 1:]
     cache = _prefill(config, llm_params, prefix, prompt_ids.shape[1] + new)
     out = generation.generate(prefixed_step(config, prefix.shape[1]), cache, prompt_ids, prompt_mask,
                               generation_config, params=llm_params)
-    return np.asarray(out.sequences)[:, prompt_ids.shape[1]:]
+    return out.sequences[:, prompt_ids.shape[1]:]
 
 
 @functools.partial(jax.jit, static_argnums=0)

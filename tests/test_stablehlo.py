@@ -71,7 +71,7 @@ def test_caption_programs_give_the_library_captions(models, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "programs.json").read_text())
     assert sorted(manifest["programs"]) == ["caption_beam", "caption_greedy", "encode_image"]
-    assert all(p["symbolic"] for p in manifest["programs"].values())
+    assert all(p["symbolic"] == ["b"] for p in manifest["programs"].values())
     model = blip_jax.load(models["caption"])
     for n in (3, 1):  # neither batch was compiled at export time
         images = sample_images(n, size=40, seed=n)
@@ -115,3 +115,39 @@ def test_a_program_the_model_lacks_is_one_line(models, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "has no caption_greedy program; it exports encode_image, image_features, text_features, itm" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["opt", "instruct_llama"])
+def test_blip2_generation_programs_give_the_library_captions(kind, tmp_path):
+    """BLIP-2 / InstructBLIP: the soft prompt and the LLM's decode loop, greedy and beam, from the
+    artifact: the library's caption ids (prompts padded to the program's length as the model pads)."""
+    import blip_jax
+    from blip_jax.convert import convert
+    from blip_jax.convert.stablehlo import PROMPT_LENGTH
+    from blip_jax.prompts import CAPTION_PROMPTS
+    from blip_jax.testing import sample_images, write_tiny_blip2_checkpoint
+
+    src = tmp_path / "model"
+    convert(write_tiny_blip2_checkpoint(tmp_path / "hf", kind), src, progress=False)
+    out = tmp_path / "hlo"
+    done = _cli("export", str(src), str(out), "--to", "stablehlo", "--programs", "generate_greedy,generate_beam")
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = blip_jax.load(src)
+    images = sample_images(3, size=40, seed=2)
+    prompt = CAPTION_PROMPTS["instruct" if model.config.instruct else "blip2"]
+    ids, mask = model._llm_tokens([prompt] * 3)
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    pad = PROMPT_LENGTH - ids.shape[1]  # decoder LLMs: left padding
+    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=model.tokenizer.pad_token_id)
+    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    inputs = {}
+    for name in ("generate_greedy", "generate_beam"):
+        inputs.update({f"{name}.pixels": model.preprocess(images), f"{name}.prompt_ids": ids,
+                       f"{name}.prompt_mask": mask})
+        if model.config.instruct:
+            enc = model.qformer_tokenizer([prompt] * 3, padding="longest")
+            inputs.update({f"{name}.qformer_ids": np.asarray(enc["input_ids"], np.int32),
+                           f"{name}.qformer_mask": np.asarray(enc["attention_mask"], np.int32)})
+    got = _run_exported(out, inputs, tmp_path)
+    assert model._decode_texts(got["generate_greedy"]) == model.caption(images, num_beams=1)
+    assert model._decode_texts(got["generate_beam"]) == model.caption(images)

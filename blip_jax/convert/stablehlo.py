@@ -19,7 +19,9 @@ Programs, by what the model serves (`model.tasks`):
   caption_greedy   pixels -> ids [b, 1 + new] ([DEC] + caption; `model.caption`'s defaults,
   caption_beam       greedy, or its beams)                                            BLIP caption
   nlvr             left, right pixels, ids, mask -> logits [b, 2]                     BLIP nlvr
-BLIP-2 / InstructBLIP generation (the LLM decode loop behind a soft prompt) is not exported yet.
+  generate_greedy  pixels, prompt_ids, prompt_mask [b, 16] (as `model._llm_tokens` makes them:
+  generate_beam      left-padded for decoder LLMs, right for T5; InstructBLIP also qformer_ids,
+                     qformer_mask [b, t]) -> new ids [b, new]; `model.caption`'s settings  BLIP-2
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from blip_jax import atomic, checkpoint
 MANIFEST = "programs.json"
 PARAMS = "params.npz"
 TEXT_LENGTH = 35  # BLIP's max_txt_len: the text length a program compiles for when "t" cannot be symbolic
+PROMPT_LENGTH = 16  # LLM prompts of the generation programs, padded to this (their cache is sized by it)
 
 
 def available(model) -> list[str]:
@@ -47,6 +50,8 @@ def available(model) -> list[str]:
         names.append("itm")
     if "caption" in tasks and model.family == "BLIP":
         names += ["caption_greedy", "caption_beam"]
+    if "generate" in tasks:  # BLIP-2 / InstructBLIP
+        names += ["generate_greedy", "generate_beam"]
     if "nlvr" in tasks:
         names.append("nlvr")
     return names
@@ -57,7 +62,7 @@ def _programs(model) -> dict:
     import jax.numpy as jnp
 
     from blip_jax import generation
-    from blip_jax.prompts import BLIP_CAPTION
+    from blip_jax.prompts import BLIP2_CAPTION, BLIP_CAPTION
 
     blip2 = model.family == "BLIP-2"
     if blip2:
@@ -97,21 +102,40 @@ def _programs(model) -> dict:
         left, right = ("left_pixels", pixels[1], "float32"), ("right_pixels", pixels[1], "float32")
         out["nlvr"] = (lambda p, a, b, i, m: impl._nlvr_logits(config, tree(p), encode(p, a), encode(p, b), i, m),
                        [left, right, ids, mask])
+    if blip2 and config.architecture == "generation":  # the soft prompt, then the LLM's decode loop
+        prompt = [("prompt_ids", ("b", PROMPT_LENGTH), "int32"), ("prompt_mask", ("b", PROMPT_LENGTH), "int32")]
+        instruction = [("qformer_ids", ("b", "t"), "int32"), ("qformer_mask", ("b", "t"), "int32")]
+
+        def generate(num_beams):
+            options = model._generation_config(BLIP2_CAPTION, {"num_beams": num_beams})
+
+            def run(params, px, ids, mask, q_ids=None, q_mask=None):
+                p = tree(params)
+                prefix = impl.language_prefix(config, p, encode(params, px), q_ids, q_mask)
+                return impl.new_token_array(config, p, prefix, ids, mask, options)
+            return run
+
+        specs = [pixels, *prompt, *(instruction if config.instruct else [])]
+        out.update(generate_greedy=(generate(1), specs), generate_beam=(generate(BLIP2_CAPTION["num_beams"]), specs))
     return out
 
 
-def _export(fn, specs, params, symbolic: bool):
+def _export(fn, specs, params, symbols: tuple[str, ...]):
+    """`fn` exported for `specs`, the named dims in `symbols` symbolic, the others concrete (b = 2,
+    t = TEXT_LENGTH)."""
     import jax
     from jax import export
 
-    dims = {}
-    if symbolic:
-        b, t = export.symbolic_shape("b, t")
-        dims = {"b": b, "t": t}
-    shapes = [jax.ShapeDtypeStruct(tuple(dims.get(d, 2 if d == "b" else TEXT_LENGTH) if isinstance(d, str) else d
-                                         for d in shape), dtype) for _, shape, dtype in specs]
+    dims = dict(zip(symbols, export.symbolic_shape(", ".join(symbols)))) if symbols else {}
+    shapes = [jax.ShapeDtypeStruct(tuple(_dim(d, dims) for d in shape), dtype) for _, shape, dtype in specs]
     param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
     return export.export(jax.jit(fn))(param_specs, *shapes)
+
+
+def _dim(d, dims: dict):
+    if not isinstance(d, str):
+        return d
+    return dims.get(d, 2 if d == "b" else TEXT_LENGTH)
 
 
 def export_stablehlo(src, out, *, programs: list[str] | None = None, overwrite: bool = False) -> dict:
@@ -136,19 +160,22 @@ def export_stablehlo(src, out, *, programs: list[str] | None = None, overwrite: 
     manifest = {"family": model.family, "architecture": model.architecture, "params": PARAMS, "programs": {}}
     for name in wanted:
         fn, specs = table[name]
-        try:
-            exported, symbolic = _export(fn, specs, params, symbolic=True), True
-        except Exception as e:  # noqa: BLE001 - a program whose shapes JAX cannot keep symbolic: concrete ones
-            exported, symbolic, reason = _export(fn, specs, params, symbolic=False), False, str(e).splitlines()[0]
+        reasons = []
+        for symbols in (("b", "t"), ("b",), ()):  # as symbolic as JAX allows this program
+            try:
+                exported = _export(fn, specs, params, symbols)
+                break
+            except Exception as e:  # noqa: BLE001 - shapes JAX cannot keep symbolic: fewer symbols
+                reasons.append(str(e).splitlines()[0][:300])
+        symbolic = [d for d in symbols if any(d in shape for _, shape, _ in specs)]
         (tmp / f"{name}.jaxexport").write_bytes(exported.serialize())
         entry = {"file": f"{name}.jaxexport", "symbolic": symbolic,
-                 "inputs": [{"name": n, "shape": [d if symbolic or not isinstance(d, str) else
-                                                  (2 if d == "b" else TEXT_LENGTH) for d in shape], "dtype": dt}
+                 "inputs": [{"name": n, "shape": [d if d in symbolic else _dim(d, {}) for d in shape], "dtype": dt}
                             for n, shape, dt in specs],
                  "outputs": [{"shape": [d if isinstance(d, int) else str(d) for d in o.shape], "dtype": str(o.dtype)}
                              for o in exported.out_avals]}
-        if not symbolic:
-            entry["concrete_because"] = reason[:300]
+        if reasons:
+            entry["fewer_symbols_because"] = reasons
         manifest["programs"][name] = entry
     np.savez(tmp / PARAMS, **params)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "preprocessor_config.json",
