@@ -61,3 +61,39 @@ def test_int8_computes_what_its_dequantised_weights_do(blip2, tmp_path):
     scanned = blip_jax.load(blip2 / "scanned", int8=True)
     np.testing.assert_allclose(scanned.image_embeddings(images), small.image_embeddings(images), atol=1e-5)
     assert scanned.caption(images, num_beams=1, max_new_tokens=6) == small.caption(images, num_beams=1, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("config", ["blip2_stage2_opt.py:tiny", "blip2_lora.py:tiny"])
+def test_training_against_int8_frozen_towers(blip2, config, tmp_path):
+    """`model.int8_frozen`: stage 2 (the Q-Former trains) and LoRA (the adapter trains) against int8
+    ViT / LLM kernels, each quantised on the device in its kernel's sharding; the loss falls, and
+    W/model holds the dequantised kernels the run trained against."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import blip_jax
+    from blip_jax import checkpoint
+    from blip_jax.models import quant
+
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "blip_jax.cli", "train", f"--config=configs/{config}",
+                           f"--workdir={workdir}", f"--config.model.init_from={blip2 / 'plain'}",
+                           "--config.model.int8_frozen=True", "--config.report=False"],
+                          cwd=root, capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0], losses
+    _, base = checkpoint.load(blip2 / "plain")
+    _, trained = checkpoint.load(workdir / "model")
+    want = traverse_util.flatten_dict(quant.dequantized(quant.quantize(base)), sep="/")
+    got, base = traverse_util.flatten_dict(trained, sep="/"), traverse_util.flatten_dict(base, sep="/")
+    path = "language_model/decoder/layers_0/fc1/kernel"
+    assert np.asarray(got[path]).dtype != np.int8
+    np.testing.assert_allclose(np.asarray(got[path], np.float32), want[path], atol=1e-6)
+    assert np.abs(np.asarray(got[path], np.float32) - np.asarray(base[path], np.float32)).max() > 0  # int8-rounded
+    assert not any(p.endswith(quant.SCALE) for p in got)
+    assert len(blip_jax.load(workdir).caption([np.zeros((32, 32, 3), np.uint8)], max_new_tokens=3)) == 1

@@ -7,8 +7,9 @@ kernel's own axes), and a `kernel_scale` leaf s beside it. `layers.Dense` finds 
 computes with q * s in its compute dtype, so products still accumulate in fp32. Only kernels are
 quantised (embeddings, norms, biases and the ViT's patch projection stay as they are): 4x less
 memory than fp32 for those weights, 2x less than bf16. Quantisation is applied to a model's
-parameters when it is loaded (`blip_jax.load(path, int8=True)`) or when a training run builds its
-frozen partition (`model.int8_frozen`), never written back: the checkpoint keeps full precision.
+parameters when it is loaded (`blip_jax.load(path, int8=True)`), or on the device to a training
+run's frozen partition (`model.int8_frozen`, each leaf in its kernel's sharding); a run's W/model
+holds the dequantised kernels, the weights it trained against.
 """
 
 from __future__ import annotations
@@ -68,3 +69,33 @@ def dequantized(params: dict) -> dict:
 
 def nbytes(params: dict) -> int:
     return int(sum(np.asarray(v).nbytes for v in traverse_util.flatten_dict(params).values()))
+
+
+def quantize_sharded(frozen: dict, scanned: bool = False, towers: re.Pattern = TOWERS) -> dict:
+    """`quantize` of a device-resident, sharded tree: each int8 kernel keeps its kernel's sharding,
+    its scale that sharding without the input axis; one leaf at a time, nothing gathered."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    flat = traverse_util.flatten_dict(frozen, sep="/")
+    out = {}
+    for path, value in flat.items():
+        layered = scanned and "/layers/" in path
+        if not (path.endswith("/kernel") and towers.search(path) and not SKIP.search(path)
+                and value.ndim >= 2 + layered):
+            out[path] = value
+            continue
+        axis = 1 if layered else 0
+        spec = tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
+        scale_sharding = NamedSharding(value.sharding.mesh, PartitionSpec(*(spec[:axis] + spec[axis + 1:])))
+
+        def one(w, axis=axis):
+            w = w.astype(jnp.float32)
+            scale = jnp.max(jnp.abs(w), axis=axis, keepdims=True) / 127.0
+            scale = jnp.where(scale == 0, 1.0, scale)
+            return jnp.clip(jnp.rint(w / scale), -127, 127).astype(jnp.int8), jnp.squeeze(scale, axis)
+
+        out[path], out[path[: -len("kernel")] + SCALE] = jax.jit(
+            one, out_shardings=(value.sharding, scale_sharding))(value)
+    return traverse_util.unflatten_dict(out, sep="/")

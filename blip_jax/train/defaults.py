@@ -120,6 +120,7 @@ def base() -> ml_collections.ConfigDict:
         precision="fp32",  # a key of PRECISIONS; a dtype field below set to a dtype wins over it
         dtype="", frozen_dtype="", qformer_dtype="", scan_layers=False, remat_policy="none",
         resolution=0,  # BLIP-2 from init_from: fine-tune at this image size (ViT positions resized); 0: its own
+        int8_frozen=False,  # keep the frozen ViT / LLM kernels in int8 with per-channel scales (models.quant)
         vision=dict(hidden_size=1408, intermediate_size=6144, num_layers=39, num_heads=16, image_size=224,
                     patch_size=14, layer_norm_eps=1e-6, final_norm=False),
         qformer=dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, encoder_hidden_size=1408,

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from blip_jax import atomic, checkpoint, paths
 from blip_jax.images import ImageProcessor
-from blip_jax.models import lora
+from blip_jax.models import lora, quant
 from blip_jax.models.config import BlipConfig
 from blip_jax.text import QFORMER_TOKENIZER
 from blip_jax.train import partition
@@ -50,6 +50,21 @@ def _write_side_files(dst: Path, st, task) -> None:
     dataclasses.replace(processor, size={"height": size, "width": size}).save(dst)
 
 
+def _dequantized(params: dict, config) -> dict:
+    """An int8-frozen run's parameters with its kernels dequantised (what it trained against), in the
+    frozen towers' storage dtype."""
+    import numpy as np
+
+    from blip_jax.models.config import DTYPES
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    int8 = {p for p, v in flat.items() if p.endswith("/kernel") and np.asarray(v).dtype == np.int8}
+    dtype = DTYPES.get(getattr(config, "frozen_param_dtype", "float32"), np.float32)
+    out = traverse_util.flatten_dict(quant.dequantized(params), sep="/")
+    return traverse_util.unflatten_dict({p: (np.asarray(v).astype(dtype) if p in int8 else v) for p, v in out.items()},
+                                        sep="/")
+
+
 def export_model(workdir: str | Path, st, task) -> Path:
     """Write W/model atomically: the parameters are gathered to every host and process 0 writes;
     every process returns once it is there."""
@@ -57,6 +72,8 @@ def export_model(workdir: str | Path, st, task) -> Path:
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.device_get(params)
+    if any(p.endswith(quant.SCALE) for p in traverse_util.flatten_dict(params, sep="/")):  # model.int8_frozen
+        params = _dequantized(params, st.config)
     dst = paths.path(workdir) / MODEL_DIR
     adapter = lora.adapter_of(params)
     if jax.process_index() == 0:

@@ -298,6 +298,10 @@ def create(cfg, mesh: Mesh, optimizer: optax.GradientTransformation, vocab: dict
     train = {"params": trainable, "opt_state": opt_state, "extra": extra, **jax.device_put(scalars, replicated)}
     # committed arrays: the train step then sees the same input placements at every call (one compile)
     st.train = jax.tree.map(lambda x: jax.device_put(x, x.sharding), train)
+    if cfg.model.get("int8_frozen"):  # the frozen towers' kernels in int8 (blip_jax.models.quant)
+        from blip_jax.models import quant
+
+        frozen = quant.quantize_sharded(frozen, scanned=st.config.scan_layers)
     st.frozen = frozen
     return st
 
