@@ -137,6 +137,9 @@ class Index:
         from blip_jax.data.transforms import decode_image
 
         if text is not None:  # candidates are images: re-read from their files
+            if any("image" not in self.ids[int(j)] for j in rows):
+                raise ValueError(f"{self.path}: re-ranking re-reads the images from their files, and this index "
+                                 "was built from WebDataset shards (no file per image); search it with rerank=0")
             embeds = model._image_embeds(model.preprocess([decode_image(self.ids[int(j)]["image"]) for j in rows]))
             return np.asarray(model.match_logits(embeds, np.arange(len(rows)), [text] * len(rows)))
         embeds = model._image_embeds(model.preprocess([_query_image(image)]))

@@ -206,3 +206,24 @@ def test_bad_input_is_one_line(setup, indexes, tmp_path):
     done = _cli("embed", f"--ckpt={models['blip2']}", f"--images={root / 'captions.json'}",
                 f"--workdir={indexes['blip'][0]}", "--no-progress")
     assert done.returncode != 0 and "holds outputs of another embed" in done.stderr
+
+
+def test_webdataset_shards_and_text_files_embed(setup, tmp_path):
+    """`--images` WebDataset shards (ids "<shard>/<key>") and `--texts` a .txt file, one text a line."""
+    from blip_jax.search import Index
+    from blip_jax.testing import write_tar
+
+    models, root = setup
+    members = []
+    for i in range(3):
+        members += [(f"{i:04d}.png", (root / "images" / f"{i:03d}.png").read_bytes()), (f"{i:04d}.txt", b"a caption")]
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "train-0000.tar", members)
+    manifest = _embed(models["blip"], "images", tmp_path / "shards", tmp_path / "wds")
+    assert manifest["count"] == 3 and manifest["unreadable"] == 0
+    ids = [h["id"] for h in Index(tmp_path / "wds").ids]
+    assert len(ids) == 3 and all(i.endswith(k) for i, k in zip(ids, ("0000", "0001", "0002")))
+    (tmp_path / "texts.txt").write_text("a red circle\n\ntwo blue squares\n")
+    manifest = _embed(models["blip"], "texts", tmp_path / "texts.txt", tmp_path / "txt")
+    assert manifest["count"] == 2 and [h["text"] for h in Index(tmp_path / "txt").ids] == ["a red circle",
+                                                                                          "two blue squares"]
