@@ -1,6 +1,7 @@
-"""`blip-jax` command line: convert, export, caption, generate, itm, vqa, demo, data, score, and train / eval
-(blip_jax.train.main, blip_jax.eval.main), eval-suite (blip_jax.eval.suite), embed and search
-(blip_jax.embed, blip_jax.search).
+"""`blip-jax` command line: train, eval, eval-suite, capfilt, embed, search, convert, export, caption, generate, itm, vqa, demo, data, score.
+
+train, eval, eval-suite, capfilt, embed and search have parsers of their own (blip_jax.train.main,
+eval.main, eval.suite, capfilt, embed, search).
 
 Results go to stdout as JSON (or to `--output FILE`, written atomically), progress to stderr.
 Images that cannot be read are skipped, listed and counted; the good ones are still processed.
@@ -318,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # commands with parsers of their own (dispatched before this one): listed here for --help
+    for name, text in (("train", "train a stage from a config (blip_jax.train.main; --help for its flags)"),
+                       ("eval", "run an evaluation job from a config (blip_jax.eval.main)"),
+                       ("eval-suite", "run a suite of evaluation jobs in turn, one table (blip_jax.eval.suite)"),
+                       ("capfilt", "caption and filter web data, BLIP's bootstrapping (blip_jax.capfilt)"),
+                       ("embed", "write the ITC features of an image or text set as a search index"),
+                       ("search", "exact top-k over an index, optionally ITM re-ranked")):
+        sub.add_parser(name, help=text, add_help=False)
     p = sub.add_parser("convert", help="convert a transformers BLIP / BLIP-2 / InstructBLIP model directory, "
                        "a LAVIS BLIP .pth (--lavis), or a blip-jax stage-1 model onto a new LLM (--llm)")
     p.add_argument("src", help="transformers model directory (config.json + safetensors or pytorch_model.bin), "
