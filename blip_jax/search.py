@@ -38,6 +38,7 @@ class Index:
         self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
         self.kind = self.manifest["kind"]
         self._ids = None
+        self._checked = ""  # the model path last verified against the manifest
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -72,9 +73,12 @@ class Index:
         from blip_jax import jobs
 
         built = self.manifest["model"]
+        if self._checked == str(model.path):  # fingerprinting reads the model's files: once per model
+            return
         if jobs.fingerprint(model.path) != built["fingerprint"]:
             raise ValueError(f"{self.path} was built by another model ({built['path']}, fingerprint "
                              f"{built['fingerprint']}); query it with that model, or embed again with this one")
+        self._checked = str(model.path)
 
     def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(row indices [k], scores [k]) of the `k` rows scoring highest against `query` (one query's
